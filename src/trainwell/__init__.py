@@ -3,7 +3,19 @@
 from trainwell.distributed import all_reduce_mean, is_distributed, rank, world_size
 
 # --- regularization (regularization.py) ---
+from trainwell.regularization import DEFAULT_EXCLUDE, Regularizer, max_norm_, param_groups
+
 # --- dropout (dropout.py) ---
+from trainwell.dropout import (
+    Dropout,
+    DropoutSchedule,
+    DropPath,
+    dropout_modules,
+    mc_predict,
+    scheduled_rate,
+    set_dropout,
+)
+
 # --- gradients (clipping.py, monitoring.py) ---
 # --- accumulation (accumulation.py) ---
 # --- stopping (stopping.py) ---
