@@ -19,7 +19,16 @@ from trainwell.dropout import (
 # --- gradients (clipping.py, monitoring.py) ---
 # --- accumulation (accumulation.py) ---
 # --- stopping (stopping.py) ---
+from trainwell.stopping import EarlyStopping
 # --- checkpoints (checkpoint.py) ---
+from trainwell.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load,
+    rng_state,
+    save,
+    set_rng_state,
+)
 # --- averaging (averaging.py) ---
 # --- ensembles and metrics (ensemble.py, metrics.py) ---
 # --- loop (loop.py) ---
