@@ -32,11 +32,12 @@ class Accumulator:
     ``backward(loss, weight, last)`` runs backward on ``loss * weight / w_0``
     (``w_0``: the window's first weight, which keeps the magnitudes of a plain
     mean loss, friendly to fp16 loss scaling; 1 under DDP so that ranks agree)
-    and returns True when an optimizer step is due: after ``steps`` micro-batches, or at once when ``last=True`` (the
-    partial last window of an epoch). At that moment ``.grad`` is divided by
-    ``sum(w) / w_0`` (one foreach op), so it holds the gradient of the weighted
-    mean loss over every item in the window. Gradients are cleared (set to None)
-    at the start of each window, so no stale gradient leaks in.
+    and returns True when an optimizer step is due: after ``steps`` micro-batches,
+    or at once when ``last=True`` (the partial last window of an epoch). At that
+    moment ``.grad`` is divided by ``sum(w) / w_0`` (one foreach op), so it holds
+    the gradient of the weighted mean loss over every item in the window.
+    Gradients are cleared (set to None) at the start of each window, so no stale
+    gradient leaks in.
 
     With a ``GradScaler`` the backward goes through ``scaler.scale``; call
     ``scaler.unscale_(optimizer)`` after a window is due, then clip and step.
