@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -272,6 +273,19 @@ def _refuse(head: bytes, path: Path) -> None:
     )
 
 
+def _offsets(entry: Any) -> tuple[int, int]:
+    """The (begin, end) byte range of a well-formed header entry, else (-1, -1)."""
+    try:
+        begin, end = entry["data_offsets"]
+        shape, dtype = entry["shape"], _NAMES[entry["dtype"]]
+        numel = math.prod(shape) if all(type(d) is int and d >= 0 for d in shape) else -1
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        ok = type(begin) is type(end) is int and begin >= 0 and end - begin == numel * itemsize
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    return (begin, end) if ok else (-1, -1)
+
+
 def _read_header(f: BinaryIO, path: Path) -> tuple[dict, dict, int]:
     """(tensor header, manifest, data start), checking size, format and manifest checksum."""
     size = os.fstat(f.fileno()).st_size
@@ -288,13 +302,20 @@ def _read_header(f: BinaryIO, path: Path) -> tuple[dict, dict, int]:
         meta = header.pop("__metadata__")
         text = meta["trainwell_manifest"]
         manifest = json.loads(text)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} has a corrupt or missing trainwell manifest: {e}") from e
     if _sha(text.encode()) != meta.get("trainwell_manifest_sha256"):
         raise CheckpointError(f"{path}: manifest checksum mismatch (the file is corrupt)")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {manifest.get('format')}")
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    end = 0
+    for key, entry in sorted(header.items(), key=lambda kv: _offsets(kv[1])):
+        expect = manifest["tensors"].get(key) if isinstance(manifest.get("tensors"), dict) else 0
+        if not isinstance(expect, dict) or _offsets(entry)[0] != end:
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}")
+        if (entry["dtype"], entry["shape"]) != (expect.get("dtype"), expect.get("shape")):
+            raise CheckpointError(f"{path}: tensor {key!r} has a corrupt description")
+        end = _offsets(entry)[1]
     if 8 + n + end != size or set(header) != set(manifest["tensors"]):
         raise CheckpointError(
             f"{path} is truncated or corrupt: {size} bytes on disk, the header describes "
@@ -344,14 +365,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
         tensors: dict[str, torch.Tensor] = {}
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
-            expect = manifest["tensors"][key]
-            dtype = _NAMES.get(entry["dtype"])
-            if (
-                dtype is None
-                or entry["dtype"] != expect["dtype"]
-                or entry["shape"] != expect["shape"]
-            ):
-                raise CheckpointError(f"{path}: tensor {key!r} has a corrupt description")
+            expect, dtype = manifest["tensors"][key], _NAMES[entry["dtype"]]
             buf = bytearray(end - begin)
             f.seek(start + begin)
             if f.readinto(buf) != len(buf) or _sha(buf) != expect["sha256"]:
