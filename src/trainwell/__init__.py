@@ -17,7 +17,20 @@ from trainwell.dropout import (
 )
 
 # --- gradients (clipping.py, monitoring.py) ---
+from trainwell.clipping import (
+    GradientTransform,
+    NonFiniteGradError,
+    chain,
+    clip_by_norm,
+    clip_by_value,
+    clip_grad_norm_,
+    clip_grad_value_,
+    skip_nonfinite,
+)
+from trainwell.adaptive_clipping import adaptive_clip, auto_clip, zscore_clip
+from trainwell.monitoring import GradMonitor, grad_norm, layer_grad_norms
 # --- accumulation (accumulation.py) ---
+from trainwell.accumulation import Accumulator
 # --- stopping (stopping.py) ---
 from trainwell.stopping import EarlyStopping
 # --- checkpoints (checkpoint.py) ---

@@ -11,7 +11,7 @@ in :mod:`trainwell.clipping`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,63 +44,75 @@ class AdaptiveClip(GradientTransform):
             raise TypeError(f"exclude_last must be True or False, got {exclude_last!r}")
         self.exclude_last = exclude_last
         self._exclude = {id(t) for t in exclude}
-        self._plans: dict[tuple[torch.Size, ...], tuple[list[int], list[int], list[int], list]] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}
 
-    def _plan(self, grads: list[torch.Tensor]) -> tuple[list[int], list[int], list[int], list]:
-        """Matrix and vector positions, unit counts and broadcast shapes (cached by shapes)."""
-        key = tuple(g.shape for g in grads)
+    def _plan(self, ps: list[torch.Tensor]) -> _Plan:
+        """Which parameters to clip, matrices first, with unit counts (cached per param list)."""
+        key = tuple(map(id, ps))
         plan = self._plans.get(key)
         if plan is None:
-            mats = [i for i, g in enumerate(grads) if g.ndim > 1]
-            vecs = [i for i, g in enumerate(grads) if g.ndim <= 1]
-            rows = [grads[i].shape[0] for i in mats]
-            views = [(r,) + (1,) * (grads[i].ndim - 1) for i, r in zip(mats, rows, strict=True)]
-            vec_views = [() if grads[i].ndim == 0 else None for i in vecs]  # 0-d: no broadcast
-            plan = self._plans[key] = (mats, vecs, rows, views + vec_views)
+            keep = [p for p in ps if id(p) not in self._exclude]
+            if self.exclude_last:
+                last = max((i for i, p in enumerate(keep) if p.ndim > 1), default=None)
+                keep = keep if last is None else keep[:last]
+            mats = [p for p in keep if p.ndim > 1]
+            vecs = [p for p in keep if p.ndim <= 1]
+            rows = [p.shape[0] for p in mats]
+            views = [(r,) + (1,) * (p.ndim - 1) for p, r in zip(mats, rows, strict=True)]
+            views += [() if p.ndim == 0 else None for p in vecs]  # 0-d: no broadcast
+            plan = _Plan(mats, vecs, rows, rows + [1] * len(vecs), views, len(keep) == len(ps))
+            self._plans = {key: plan}  # one parameter list at a time
         return plan
 
-    def _select(self, params: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-        _, ps, grads = named_grads(params)
-        keep = [i for i, p in enumerate(ps) if id(p) not in self._exclude]
-        if self.exclude_last:
-            last = max((i for i in keep if ps[i].ndim > 1), default=None)
-            keep = [i for i in keep if last is None or i < last]
-        return [ps[i] for i in keep], [grads[i] for i in keep], len(grads)
-
     def apply_(self, params: ParamsLike) -> dict[str, Any]:
-        params = params if isinstance(params, list) else list(_as_iter(params))
-        ps, grads, n_all = self._select(params)
+        ps = named_grads(params, names=False)[1]
+        plan = self._plan(ps)
+        mats, vecs, rows = plan.mats, plan.vecs, plan.rows
         with torch.no_grad():
-            if not grads:
-                norm = global_norm(_grads(params))
+            if not mats and not vecs:
+                norm = global_norm([p.grad for p in ps])
                 return {"grad_norm": norm, "clipped": torch.zeros((), dtype=torch.bool),
                         "skip": False}  # fmt: skip
-            mats, vecs, rows, views = self._plan(grads)
+            grads = [p.grad for p in mats] + [p.grad for p in vecs]
             # one unit per output row of a matrix/filter; one per vector (a single foreach call)
-            g_parts = [_row_norms(grads[i], r) for i, r in zip(mats, rows, strict=True)]
-            w_parts = [_row_norms(ps[i], r) for i, r in zip(mats, rows, strict=True)]
+            g_parts = [_row_norms(g, r) for g, r in zip(grads, rows)]  # noqa: B905 (vecs after)
+            w_parts = [_row_norms(p, r) for p, r in zip(mats, rows, strict=True)]
             if vecs:
-                vn = torch._foreach_norm([grads[i] for i in vecs] + [ps[i] for i in vecs])
-                vn = torch.stack(vn).to(torch.promote_types(vn[0].dtype, torch.float32))
+                vn = torch._foreach_norm(grads[len(mats) :] + vecs)
+                vn = torch.stack(vn)
+                vn = vn if vn.dtype in (torch.float32, torch.float64) else vn.float()
                 g_parts.append(vn[: len(vecs)])
                 w_parts.append(vn[len(vecs) :])
-            g_norm, w_norm = torch.cat(g_parts + w_parts).view(2, -1)
-            if len(grads) == n_all:
+            both = torch.cat(g_parts + w_parts)
+            g_norm, w_norm = both[: both.numel() // 2], both[both.numel() // 2 :]
+            if plan.full:
                 norm = torch.linalg.vector_norm(g_norm)  # sum of unit norms squared = global
             else:
-                norm = global_norm(_grads(params))
+                norm = global_norm([p.grad for p in ps])
             max_norm = w_norm.clamp_(min=self.eps).mul_(self.clipping)
             scale = max_norm.div_(g_norm.clamp(min=_COEF_EPS)).clamp_(max=1.0)
-            pieces = scale.split(rows + [1] * len(vecs))
-            pieces = [t if v is None else t.view(v) for t, v in zip(pieces, views, strict=True)]
-            torch._foreach_mul_([grads[i] for i in mats + vecs], pieces)
+            pieces = scale.split(plan.sizes)
+            pieces = [
+                t if v is None else t.view(v) for t, v in zip(pieces, plan.views, strict=True)
+            ]
+            torch._foreach_mul_(grads, pieces)
         return {"grad_norm": norm, "clipped": (scale < 1.0).any(), "skip": False}
+
+
+class _Plan(NamedTuple):
+    mats: list[torch.Tensor]
+    vecs: list[torch.Tensor]
+    rows: list[int]
+    sizes: list[int]
+    views: list[tuple[int, ...] | None]
+    full: bool
 
 
 def _row_norms(t: torch.Tensor, rows: int) -> torch.Tensor:
     """L2 norm of each output unit of ``t`` (all dimensions but the first), in float32."""
-    dtype = torch.promote_types(t.dtype, torch.float32)
-    return torch.linalg.vector_norm(t.reshape(rows, -1), dim=1, dtype=dtype)
+    t = t.reshape(rows, -1)
+    dtype = None if t.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.linalg.vector_norm(t, dim=1, dtype=dtype)
 
 
 def _as_iter(params: ParamsLike) -> Any:

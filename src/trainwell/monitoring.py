@@ -116,7 +116,7 @@ class GradMonitor:
     ``after_step(step)`` after ``optimizer.step()``. On steps where
     ``step % every == 0`` it appends one flat dict to ``history``: ``step``,
     ``grad_norm`` (global, L2), ``grad_norm/<layer>`` and ``update_ratio/<layer>``
-    (``||dW|| / ||W||`` of that step; NaN when the step was skipped). Other steps
+    (``||dW|| / ||W||`` of that step; 0 if no step was taken; NaN for a zero W). Other steps
     cost nothing. Warnings (each issued once through ``warnings`` and logging, and
     kept in ``warnings``): a global norm above ``explode_factor`` times the
     median of the last ``window`` recorded norms; a layer whose gradient norm
