@@ -256,6 +256,10 @@ def test_thresholds() -> None:
     stopper = EarlyStopping(monitor="acc", mode="max", patience=10, stopping_threshold=0.9)
     assert run(stopper, [0.5, 0.8, 0.9, 0.95]) == 2 and stopper.improved
     assert stopper.reason == "reached stopping_threshold (acc 0.9)"
+    stopper = EarlyStopping(patience=10, min_delta=0.1, stopping_threshold=0.5)
+    assert run(stopper, [0.7, 0.55, 0.5]) == 2  # thresholds use no margin
+    stopper = EarlyStopping(patience=10, min_delta=0.1, divergence_threshold=3.0)
+    assert run(stopper, [2.0, 3.05, 3.0]) == 1
     stopper = EarlyStopping(patience=10, divergence_threshold=3.0)
     assert run(stopper, [2.0, 3.0, 2.5, 3.5]) == 3
     assert stopper.reason == "val_loss crossed divergence_threshold 3.0 (value 3.5)"

@@ -249,6 +249,12 @@ class EarlyStopping:
             return True
         return value > ref + margin if self.modes[n] == "min" else value < ref - margin
 
+    def _past(self, n: str, value: float, limit: float) -> bool:
+        """Strictly worse than a threshold (no margin); NaN/Inf-as-worst always is."""
+        if not math.isfinite(value):
+            return True
+        return value > limit if self.modes[n] == "min" else value < limit
+
     def _reference(self, n: str, ref: float | None) -> float | None:
         return self.baseline[n] if ref is None else ref
 
@@ -292,10 +298,10 @@ class EarlyStopping:
         else:
             self.wait = (max if self.policy == "any" else min)(self.waits.values())
         for n, limit in self.divergence_threshold.items():
-            if limit is not None and self._worse(n, values[n], limit) and values[n] != limit:
+            if limit is not None and self._past(n, values[n], limit):
                 return f"{n} crossed divergence_threshold {limit} (value {values[n]:.6g})"
         reached = {n: t for n, t in self.stopping_threshold.items() if t is not None}
-        if reached and all(not self._worse(n, values[n], t) for n, t in reached.items()):
+        if reached and all(not self._past(n, values[n], t) for n, t in reached.items()):
             listed = ", ".join(f"{n} {values[n]:.6g}" for n in reached)
             return f"reached stopping_threshold ({listed})"
         if self.wait >= self.patience:
