@@ -31,17 +31,6 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointManager",
-    "load",
-    "read_metadata",
-    "rng_state",
-    "save",
-    "set_rng_state",
-    "verify",
-]
-
 FORMAT = "trainwell-checkpoint"
 VERSION = 1
 _TAG = "__tw__"
@@ -402,4 +391,4 @@ def verify(path: str | os.PathLike) -> bool:
     return True
 
 
-from trainwell.checkpoint_manager import CheckpointManager, rng_state, set_rng_state  # noqa: E402
+from trainwell.checkpoint_manager import CheckpointManager, rng_state, set_rng_state  # noqa: E402, F401
