@@ -74,6 +74,25 @@ def test_average_weights_matches_hand_mean_and_integer_rule():
     assert avg is not models[0] and torch.equal(models[0][0].weight, sds[0]["0.weight"])
 
 
+def test_average_weights_zero_weight_ties_and_frozen_parameters():
+    models = [make_net("ln", seed=s) for s in range(3)]
+    for m in models:
+        m[0].weight.requires_grad_(False)
+    avg = average_weights(models, weights=[0.0, 1.0, 3.0])
+    expected = (models[1][3].weight + 3 * models[2][3].weight) / 4
+    torch.testing.assert_close(avg[3].weight, expected, atol=1e-6, rtol=0)
+    assert not avg[0].weight.requires_grad and avg[3].weight.requires_grad
+    assert isinstance(avg[3].weight, nn.Parameter)
+    single = average_weights(models[:1])
+    assert torch.equal(single[0].weight, models[0][0].weight)
+    assert single[0].weight.data_ptr() != models[0][0].weight.data_ptr()
+    tied = [nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)) for _ in range(2)]
+    for t in tied:
+        t[1].weight = t[0].weight
+    avg_tied = average_weights(tied)
+    assert avg_tied[1].weight is avg_tied[0].weight
+
+
 def test_average_weights_copy_buffers_takes_first_model():
     models = [make_net("bn", seed=s) for s in range(2)]
     for i, m in enumerate(models):

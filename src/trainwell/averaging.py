@@ -91,6 +91,13 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [w / total for w in ws]
 
 
+def _take(
+    src: list[tuple[str, torch.Tensor, bool]], group: list[int], device: torch.device, low: bool
+) -> list[torch.Tensor]:
+    ts = [src[j][1].detach().to(device) for j in group]
+    return [t.float() for t in ts] if low else ts
+
+
 @torch.no_grad()
 def average_weights(
     models: Sequence[nn.Module],
@@ -101,8 +108,9 @@ def average_weights(
 
     ``theta = sum_i w_i * theta_i`` with ``w`` normalized to sum to 1 (uniform when
     ``weights`` is None): the "uniform soup" of Wortsman et al. 2022 and the average of
-    Izmailov et al. 2018. Float parameters are averaged with foreach ops, one pass per
-    model (half precision accumulates in float32). Float buffers are averaged
+    Izmailov et al. 2018. Float parameters are averaged with foreach ops, one lerp pass
+    per model (``acc <- acc + w_i / (w_0 + ... + w_i) * (theta_i - acc)``, the running
+    weighted mean; half precision accumulates in float32). Float buffers are averaged
     (``buffers="average"``) or taken from ``models[0]`` (``"copy"``); integer and bool
     buffers are always taken from ``models[0]``. The result is a deep copy of
     ``models[0]`` (unwrapped from DDP), on its device, in its train/eval mode.
@@ -133,24 +141,36 @@ def average_weights(
     srcs = [_named_tensors(m) for m in mods]
     for i, s in enumerate(srcs[1:], start=1):
         _check_same_structure(ref, s, f"models[{i}]")
-    out = copy.deepcopy(mods[0])
-    dst = [t for _, t, _ in _named_tensors(out)]
     pick = [
         j
         for j, (_, t, is_param) in enumerate(ref)
         if _averageable(t) and (is_param or buffers == "average")
     ]
-    for group in _group(pick, dst):
-        d = [dst[j].detach() for j in group]
-        low = d[0].dtype in (torch.float16, torch.bfloat16)
-        acc = [t.float() for t in d] if low else d
-        torch._foreach_mul_(acc, ws[0])
-        for src, w in zip(srcs[1:], ws[1:], strict=True):
-            s = [src[j][1].detach().to(d[0].device) for j in group]
-            torch._foreach_add_(acc, [t.float() for t in s] if low else s, alpha=w)
-        if low:
-            torch._foreach_copy_(d, acc)
-    return out
+    # The averages are computed into fresh tensors that deepcopy then uses (its memo), so
+    # models[0]'s weights are never copied only to be overwritten.
+    memo: dict[int, Any] = {}
+    others = [(src, w) for src, w in zip(srcs[1:], ws[1:], strict=True) if w > 0]
+    for group in _group(pick, [t for _, t, _ in ref]):
+        dtype, device = ref[group[0]][1].dtype, ref[group[0]][1].device
+        low = dtype in (torch.float16, torch.bfloat16)
+
+        seen = ws[0]  # acc: the weighted mean of the models so far, one lerp per model
+        if others:
+            (src, w), rest = others[0], others[1:]
+            acc = torch._foreach_lerp(
+                _take(ref, group, device, low), _take(src, group, device, low), w / (seen + w)
+            )
+            seen += w
+        else:
+            acc, rest = [t.clone() for t in _take(ref, group, device, low)], []
+        for src, w in rest:
+            torch._foreach_lerp_(acc, _take(src, group, device, low), w / (seen + w))
+            seen += w
+        for j, t in zip(group, acc, strict=True):
+            t = t.to(dtype) if low else t
+            _, orig, is_param = ref[j]
+            memo[id(orig)] = nn.Parameter(t, orig.requires_grad) if is_param else t
+    return copy.deepcopy(mods[0], memo)
 
 
 def _tracked_norms(model: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
