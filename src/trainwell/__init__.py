@@ -43,6 +43,9 @@ from trainwell.checkpoint import (
     set_rng_state,
 )
 # --- averaging (averaging.py) ---
+from trainwell.averaging import average_weights, update_bn
+from trainwell.running_average import EMA, SWA
+from trainwell.soups import greedy_soup, uniform_soup
 # --- ensembles and metrics (ensemble.py, metrics.py) ---
 # --- loop (loop.py) ---
 
