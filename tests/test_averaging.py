@@ -229,6 +229,24 @@ def test_ema_float64_average_of_float32_model():
     assert_close(float_params(ema.module), float_params(ref.module), atol=1e-12)
 
 
+def test_ema_follows_a_live_model_moved_after_construction():
+    net = make_net("bn")
+    ema = EMA(net, decay=0.9)  # built before the model moved (here: to float64)
+    net.double()
+    ref = AveragedModel(copy.deepcopy(net), multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(3):
+        ema.update(net)
+        ref.update_parameters(net)
+        with torch.no_grad():
+            net[0].weight.add_(0.5)
+    assert ema.module[0].weight.dtype == torch.float32
+    assert_close(
+        float_params(ema.module), {k: v.float() for k, v in float_params(ref.module).items()}
+    )
+    with ema.swapped(net):
+        assert torch.equal(net[0].weight, ema.module[0].weight.double())
+
+
 def test_ema_swapped_swaps_and_restores_even_on_error():
     net = make_net("bn")
     ema = EMA(net, decay=0.5)

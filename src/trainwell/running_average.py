@@ -71,6 +71,8 @@ class _Averager:
     def _live(self, model: nn.Module) -> list[torch.Tensor]:
         m = unwrap(model)
         live = [*m.parameters(), *m.buffers()]
+        if live and (live[0].device != self._avg[0].device or live[0].dtype != self._avg[0].dtype):
+            self._convert = True  # the live model moved (e.g. .cuda()) after this was built
         if len(live) != len(self._avg):
             raise ValueError(
                 f"model has {len(live)} parameters and buffers, the average has "
