@@ -31,6 +31,9 @@ _ELEMENTWISE = (
     nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )  # fmt: skip
+# trainwell's own dropout modules are the identity in eval (named, not imported: the
+# technique layer does not import its siblings).
+_IDENTITY_IN_EVAL = ("trainwell.dropout.Dropout", "trainwell.dropout.DropPath")
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _SIMPLE = (bool, int, float, str, tuple, type(None))
 
@@ -91,12 +94,18 @@ def _vmap_step(module: nn.Module, params: dict[str, Tensor], buffers: dict[str, 
     def run(p: dict[str, Tensor], b: dict[str, Tensor], h: Tensor) -> Tensor:
         return functional_call(module, (p, b), (h,))
 
+    if not params and not buffers:  # no state: vmap the module itself (half the overhead)
+        per_member = vmap(module)
+
+        def stateless(h: Tensor, has_members: bool) -> tuple[Tensor, bool]:
+            if not has_members:  # the same for every member: run it once
+                return module(h), False
+            return per_member(h), True
+
+        return stateless
     unbatched, batched = vmap(run, in_dims=(0, 0, None)), vmap(run, in_dims=(0, 0, 0))
-    stateless = not params and not buffers
 
     def step(h: Tensor, has_members: bool) -> tuple[Tensor, bool]:
-        if stateless and not has_members:  # the same for every member: run it once
-            return module(h), False
         return (batched if has_members else unbatched)(params, buffers, h), True
 
     return step
@@ -155,6 +164,8 @@ def _child_step(
         return _linear_step(own_p["weight"], own_p.get("bias"))
     if kind in _ELEMENTWISE:
         return lambda h, has_members: (child(h), has_members)
+    if f"{kind.__module__}.{kind.__qualname__}" in _IDENTITY_IN_EVAL and not (own_p or own_b):
+        return lambda h, has_members: (h, has_members)
     if kind in _BATCHNORM and child.track_running_stats and "running_mean" in own_b:
         inv_std = torch.rsqrt(own_b["running_var"] + child.eps)
         scale = inv_std if "weight" not in own_p else own_p["weight"] * inv_std
