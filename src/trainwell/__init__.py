@@ -47,6 +47,17 @@ from trainwell.averaging import average_weights, update_bn
 from trainwell.running_average import EMA, SWA
 from trainwell.soups import greedy_soup, uniform_soup
 # --- ensembles and metrics (ensemble.py, metrics.py) ---
+from trainwell.ensemble import Ensemble, combine, combine_logits
+from trainwell.calibration import TemperatureScaler, fit_temperature
+from trainwell.metrics import (
+    accuracy,
+    brier,
+    disagreement,
+    ece,
+    mean_pairwise_kl,
+    nll,
+    reliability_diagram_data,
+)
 # --- loop (loop.py) ---
 
 __version__ = "0.1.0"
