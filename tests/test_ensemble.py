@@ -81,6 +81,8 @@ def test_vote_majority_tie_break_by_mean_probability_and_weights() -> None:
     two = Z[:2]
     weighted = combine(two, "vote", [1.0, 1.0])
     assert weighted.tolist()[0] == int(combine(two, "mean_prob")[0].argmax())
+    # a 1-1 tie goes to the higher mean probability (class 1), not the lower index
+    assert combine(torch.tensor([[[1.0, 0.9]], [[0.0, 5.0]]]), "vote").tolist() == [1]
 
 
 def test_weighted_vote_tie_survives_float_rounding() -> None:
@@ -92,12 +94,6 @@ def test_weighted_vote_tie_survives_float_rounding() -> None:
     z = torch.tensor([[strong], [strong], [weak], [weak], [weak], [strong]])
     assert combine(z, "mean_prob", weights)[0].argmax() == 0
     assert combine(z, "vote", weights).tolist() == [0]
-
-
-def test_vote_tie_break_prefers_higher_mean_probability_not_lower_index() -> None:
-    # class 1 has higher mean probability than class 0 in a 1-1 tie
-    z = torch.tensor([[[1.0, 0.9]], [[0.0, 5.0]]])
-    assert combine(z, "vote").tolist() == [1]
 
 
 def test_combine_logits_is_log_of_the_combined_distribution() -> None:
@@ -350,6 +346,21 @@ def test_state_dict_round_trip_and_weights_buffer() -> None:
     torch.testing.assert_close(a.predict(x), b.predict(x))
     torch.testing.assert_close(a.weights, torch.tensor([1 / 6, 2 / 6, 3 / 6]))
     assert len(a) == 3 and torch.equal(a(x), a.predict(x))
+
+
+def test_pickle_and_deepcopy_after_a_batched_prediction() -> None:
+    import copy
+    import pickle
+
+    ens = Ensemble([nn.Sequential(nn.Linear(4, 3)) for _ in range(3)], method="vmap")
+    x = torch.randn(5, 4)
+    expected = ens.predict(x)
+    for clone in (pickle.loads(pickle.dumps(ens)), copy.deepcopy(ens)):
+        torch.testing.assert_close(clone.predict(x), expected)
+        with torch.no_grad():
+            clone.members[0][0].weight.zero_()  # the clone has its own members
+        assert not torch.allclose(clone.predict(x), expected)
+    torch.testing.assert_close(ens.predict(x), expected)
 
 
 def test_predict_logits_softmax_is_the_prediction() -> None:

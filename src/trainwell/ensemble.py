@@ -239,6 +239,11 @@ class Ensemble(nn.Module):
     def __len__(self) -> int:
         return len(self.members)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_stack"] = None  # a cache of closures: rebuilt after unpickling or deepcopy
+        return state
+
     def refresh(self) -> None:
         """Drop the stacked parameters and the "auto" choices; rebuilt when next needed."""
         self._stack = None
