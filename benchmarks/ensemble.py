@@ -6,12 +6,13 @@ Members: small MLPs 64-128-128-10 (``nn.Sequential`` of Linear/ReLU: the batched
 pass) and trainwell's built-in ``MLP`` 64-128-128-10 with its dropout modules (which go
 through ``vmap`` + ``functional_call``), 8 and 16 members, batch sizes 32 and 1024. One
 torch thread. "auto" is measured after its one-time choice (its first call). The three
-methods are interleaved, several repetitions, medians printed; ratio = loop time / method
-time (> 1: faster than the loop).
+methods are interleaved (cycling through all orders), several repetitions, medians printed;
+ratio = loop time / method time (> 1: faster than the loop).
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -40,10 +41,11 @@ def median_times(fns: dict[str, Callable[[], object]], budget_s: float) -> dict[
     per_round = time.perf_counter() - start
     reps = int(min(200, max(5, budget_s / max(per_round, 1e-9))))
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    orders = list(itertools.permutations(fns))  # each method follows each other equally often
+    for rep in range(reps):
+        for name in orders[rep % len(orders)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -210,7 +210,7 @@ def test_auto_agrees_with_loop_and_caches_one_measurement_per_shape(monkeypatch)
         torch.testing.assert_close(ens.predict(x), expected, atol=1e-5, rtol=1e-5)
     ens.predict(torch.randn(5, 6))
     assert len(calls) == 2 and {k[0] for k in calls} == {(8, 6), (5, 6)}
-    assert set(ens.timings[calls[0]]) == {"loop", "vmap"}
+    assert set(ens.timings[calls[0]]) == {"loop", "vmap", "speedup"}
     assert ens.last_method in ("loop", "vmap")
 
 
