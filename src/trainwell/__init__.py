@@ -29,10 +29,13 @@ from trainwell.clipping import (
 )
 from trainwell.adaptive_clipping import adaptive_clip, auto_clip, zscore_clip
 from trainwell.monitoring import GradMonitor, grad_norm, layer_grad_norms
+
 # --- accumulation (accumulation.py) ---
 from trainwell.accumulation import Accumulator
+
 # --- stopping (stopping.py) ---
 from trainwell.stopping import EarlyStopping
+
 # --- checkpoints (checkpoint.py) ---
 from trainwell.checkpoint import (
     CheckpointError,
@@ -42,10 +45,12 @@ from trainwell.checkpoint import (
     save,
     set_rng_state,
 )
+
 # --- averaging (averaging.py) ---
 from trainwell.averaging import average_weights, update_bn
 from trainwell.running_average import EMA, SWA
 from trainwell.soups import greedy_soup, uniform_soup
+
 # --- ensembles and metrics (ensemble.py, metrics.py) ---
 from trainwell.ensemble import Ensemble, combine, combine_logits
 from trainwell.calibration import TemperatureScaler, fit_temperature
@@ -58,6 +63,8 @@ from trainwell.metrics import (
     nll,
     reliability_diagram_data,
 )
+
 # --- loop (loop.py) ---
+from trainwell.loop import FitResult, fit
 
 __version__ = "0.1.0"

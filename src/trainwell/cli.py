@@ -1,0 +1,122 @@
+"""The ``trainwell`` command line: run, resume, demo (and ablate / report / soup)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainwell.config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(
+    name="trainwell",
+    help="Correct, fast and measurable model-optimization techniques for PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+]
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to write.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def fail(message: str) -> None:
+    """Print a one-line error per problem (no traceback) and exit with status 2."""
+    for line in str(message).splitlines() or ["error"]:
+        typer.echo(f"trainwell: error: {line}", err=True)
+    raise typer.Exit(2)
+
+
+def results_table(title: str, rows: dict[str, float]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def _default_out(config: RunConfig) -> Path:
+    name = Path(config.data.source).stem
+    return Path("runs") / f"{name}-{config.model.kind}-seed{config.seed}"
+
+
+def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = False) -> None:
+    """Train one run, write its directory and print its results table."""
+    from trainwell.runner import train, write_run_dir
+
+    out = out or _default_out(config)
+    try:
+        result, model = train(config, out_dir=out, progress=not quiet, resume=resume)
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    write_run_dir(out, config, result, model)
+    rows = {
+        **result.test,
+        **result.extra,
+        "epochs": result.epochs_run,
+        "stop": result.stop_reason,
+        "seconds": result.seconds,
+    }
+    console.print(results_table(f"trainwell run: {config.data.source} ({out})", rows))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="TOML config of the run.")],
+    set_: SetOption = None,
+    out: OutOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Train one configured run; write config, metrics.csv, weights, summary and curves."""
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as err:
+        fail(str(err))
+    execute(cfg, out, quiet)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="Directory of a run with checkpoints.")],
+    quiet: QuietOption = False,
+) -> None:
+    """Continue a killed run from its newest valid checkpoint."""
+    try:
+        cfg = load_config(run_dir / "config.toml")
+    except ConfigError as err:
+        fail(str(err))
+    if not cfg.checkpoint.enabled:
+        fail(f"{run_dir}: checkpoint.enabled is false in its config; nothing to resume from")
+    execute(cfg, run_dir, quiet, resume=True)
+
+
+@app.command()
+def demo(
+    out: OutOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the embedded default: an MLP on scikit-learn's digits (no download)."""
+    execute(load_config(None), out or Path("runs/demo"), quiet)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("trainwell: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

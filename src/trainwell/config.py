@@ -1,0 +1,250 @@
+"""The schema of one run: pydantic models read from TOML, with ``--set`` overrides.
+
+Every section refuses unknown keys, wrong types and out-of-range values with a
+``ConfigError`` whose lines each name the key and what it accepts; the CLI
+prints them and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``str()`` is one line per problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field("digits", description="digits | breast_cancer | wine | path.csv | path.npz")
+    target: str | None = Field(None, description="label column of a CSV file")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    train_fraction: float | None = Field(None, gt=0, le=1, description="keep part of train")
+    train_size: int | None = Field(None, ge=1, description="keep this many training samples")
+
+
+class ModelConfig(Section):
+    kind: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    norm: Literal["none", "batch", "layer"] = "none"
+    dropout: float | list[float] = Field(0.0, description="one rate or one per hidden layer")
+    channels: int = Field(32, ge=1, description="cnn only")
+
+    @model_validator(mode="after")
+    def _rates_in_range(self) -> ModelConfig:
+        rates = self.dropout if isinstance(self.dropout, list) else [self.dropout]
+        if any(not 0.0 <= r < 1.0 for r in rates):
+            raise ValueError("model.dropout: every rate must be in [0, 1)")
+        return self
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0)
+    decoupled: bool = Field(True, description="weight decay via param_groups, no bias/norm decay")
+    scheduler: Literal["none", "cosine"] = "none"
+
+
+class RegularizationConfig(Section):
+    l1: float = Field(0.0, ge=0)
+    l2: float = Field(0.0, ge=0)
+    exclude: list[str] = Field(default_factory=list, description="extra name patterns")
+    exclude_embeddings: bool = False
+    per_layer: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    max_norm: float | None = Field(None, gt=0, description="max-norm constraint on weights")
+
+
+class DropoutConfig(Section):
+    p: float | None = Field(None, ge=0, lt=1, description="overrides every dropout rate")
+    per_layer: dict[str, float] = Field(default_factory=dict)
+    schedule: Literal["none", "early", "late", "linear"] = "none"
+    schedule_fraction: float = Field(
+        0.25, gt=0, lt=1, description="early: off after; late: on after"
+    )
+    schedule_unit: Literal["step", "epoch"] = "step"
+
+
+class ClipConfig(Section):
+    mode: Literal["none", "value", "norm", "adaptive", "auto", "zscore"] = "none"
+    value: float = Field(1.0, gt=0)
+    max_norm: float = Field(1.0, gt=0, description="inf means no clipping")
+    norm_type: float = Field(2.0, gt=0)
+    clipping: float = Field(0.01, gt=0, description="adaptive")
+    percentile: float = Field(10.0, gt=0, le=100, description="auto")
+    z: float = Field(2.5, gt=0, description="zscore")
+
+
+class GradientsConfig(Section):
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    skip_nonfinite: bool = True
+    accumulate: int = Field(1, ge=1)
+    monitor: bool = False
+    monitor_every: int = Field(10, ge=1)
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = False
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(7, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    delta_mode: Literal["abs", "rel"] = "abs"
+    restore_best: bool = True
+
+
+class CheckpointConfig(Section):
+    enabled: bool = False
+    keep_last: int = Field(2, ge=1)
+    keep_best: int = Field(1, ge=0)
+
+
+class EMAConfig(Section):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+    warmup: bool = True
+
+
+class SWAConfig(Section):
+    enabled: bool = False
+    start: float = Field(0.75, gt=0, lt=1, description="fraction of epochs before averaging")
+    lr: float | None = Field(None, gt=0, description="SWA learning rate (default: optimizer lr)")
+
+
+class EnsembleConfig(Section):
+    members: int = Field(0, ge=0, description="0 or 1: no ensemble")
+    diversity: Literal["seeds", "bagging", "snapshot"] = "seeds"
+    combine: Literal["mean_prob", "mean_logit", "vote", "geometric"] = "mean_prob"
+    jobs: int = Field(1, ge=1)
+
+
+class RunConfig(Section):
+    """One training run."""
+
+    seed: int = Field(0, ge=0)
+    device: str = "cpu"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
+    gradients: GradientsConfig = Field(default_factory=GradientsConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    swa: SWAConfig = Field(default_factory=SWAConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    ablation: dict[str, Any] = Field(default_factory=dict, description="see `trainwell ablate`")
+
+
+def _accepted(model: type[BaseModel], loc: tuple) -> str:
+    """The keys accepted where an unknown key was found."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    return ", ".join(model.model_fields)
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key; accepted here: {_accepted(RunConfig, e['loc'])}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg'][0].lower() + e['msg'][1:]}{shown}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a plain dict, raising ConfigError with one line per problem."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax when it parses (1e-3, true, [1, 2], "x"), else a string.
+
+    Example:
+        >>> parse_value("1e-3"), parse_value("[64, 64]"), parse_value("adamw"), parse_value("inf")
+        (0.001, [64, 64], 'adamw', inf)
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw["a"]["b"] = value`` for ``dotted == "a.b"``, creating tables as needed."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (or a dict of dotted keys) to a raw config dict."""
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        pairs = list(overrides.items())
+    else:
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set {item!r}: expected section.key=value")
+            pairs.append((key.strip(), parse_value(text.strip())))
+    for key, value in pairs:
+        set_path(raw, key, value)
+    return raw
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The raw dict of a TOML config file, with a one-line error when it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path.name}: not valid TOML ({err})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML file (or the defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    Example:
+        >>> load_config(None, ["optimizer.lr=0.01", "epochs=3"]).optimizer.lr
+        0.01
+    """
+    raw = read_toml(path) if path is not None else {}
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def to_toml(config: RunConfig) -> str:
+    """The resolved config as TOML text (for the run directory; unset options are left out)."""
+    return tomli_w.dumps(config.model_dump(mode="python", exclude_none=True))
