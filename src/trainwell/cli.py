@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from trainwell.config import ConfigError, RunConfig, load_config
+from trainwell.config import ConfigError, RunConfig, load_config, to_toml
 
 app = typer.Typer(
     name="trainwell",
@@ -55,6 +55,9 @@ def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = Fal
     from trainwell.runner import train, write_run_dir
 
     out = out or _default_out(config)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # written first, so `trainwell resume` can find it after a crash
+        (out / "config.toml").write_text(to_toml(config), encoding="utf-8")
     try:
         result, model = train(config, out_dir=out, progress=not quiet, resume=resume)
     except (ValueError, TypeError) as err:
