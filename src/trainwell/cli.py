@@ -62,6 +62,10 @@ def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = Fal
         result, model = train(config, out_dir=out, progress=not quiet, resume=resume)
     except (ValueError, TypeError) as err:
         fail(str(err))
+    from trainwell.distributed import is_main_process
+
+    if not is_main_process():
+        return  # under DDP only rank 0 writes files and prints
     write_run_dir(out, config, result, model)
     rows = {
         **result.test,
@@ -79,12 +83,26 @@ def run(
     set_: SetOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc", min=1, help="Processes for data-parallel (DDP) training via torchrun."
+        ),
+    ] = 1,
 ) -> None:
     """Train one configured run; write config, metrics.csv, weights, summary and curves."""
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as err:
         fail(str(err))
+    from trainwell.launch import env_world_size, launch
+
+    if nproc > 1 and env_world_size() == 1:  # not yet under torchrun: re-launch through it
+        if cfg.batch_size % nproc:
+            fail(f"batch_size {cfg.batch_size} (global) must be divisible by --nproc {nproc}")
+        args = ["run", str(config), *(f"--set={s}" for s in set_ or [])]
+        args += [f"--out={out or _default_out(cfg)}"] + (["--quiet"] if quiet else [])
+        raise typer.Exit(launch(nproc, args))
     execute(cfg, out, quiet)
 
 

@@ -30,20 +30,40 @@ class EpochShuffleSampler(Sampler[int]):
 
     ``fit()`` calls ``set_epoch`` before each epoch (as for ``DistributedSampler``),
     so a run resumed at epoch k sees exactly the batches an uninterrupted run saw.
+    With ``world_size > 1`` each rank keeps every ``world_size``-th index of the
+    shared permutation, starting at ``rank`` (padded by wrapping around so every
+    rank gets ``ceil(n / world_size)`` indices, like ``DistributedSampler``): batch j
+    of every rank together is batch j of a single process with ``world_size`` times
+    the batch size.
+
+    Example:
+        >>> a, b = EpochShuffleSampler(5, 0, 0, 2), EpochShuffleSampler(5, 0, 1, 2)
+        >>> len(a), sorted(set(a) | set(b)) == list(range(5))
+        (3, True)
     """
 
-    def __init__(self, n: int, seed: int = 0) -> None:
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"rank must be in [0, world_size) and world_size >= 1, got {rank}, {world_size}"
+            )
         self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.world_size == 1:
+            return iter(order)
+        total = len(self) * self.world_size
+        order += (order * (total // max(self.n, 1) + 1))[: total - self.n]
+        return iter(order[self.rank : total : self.world_size])
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
 
 
 @dataclass
@@ -73,11 +93,21 @@ class Splits:
         return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
 
     def loader(
-        self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> DataLoader:
-        """A DataLoader over one split; shuffling is seeded per epoch (EpochShuffleSampler)."""
+        """A DataLoader over one split; shuffling is seeded per epoch (EpochShuffleSampler).
+
+        ``rank`` / ``world_size`` shard a shuffled split across DDP processes.
+        """
         dataset = TensorDataset(*self.tensors(split))
-        sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+        sampler = EpochShuffleSampler(len(dataset), seed, rank, world_size) if shuffle else None
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 

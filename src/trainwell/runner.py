@@ -114,7 +114,25 @@ def train(
     resume: bool = False,
     callbacks: tuple = (),
 ) -> tuple[RunResult, nn.Module]:
-    """Train one configured run; returns its result and the trained model."""
+    """Train one configured run; returns its result and the trained model.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) or an initialized process group, the run
+    is data-parallel: ``config.batch_size`` is the global batch, split evenly over
+    the processes by a per-epoch reseeded sharded sampler, and the model is wrapped
+    in ``DistributedDataParallel``; the returned model is the unwrapped module.
+    """
+    from trainwell import distributed as dist_utils
+    from trainwell.launch import init_from_env
+
+    device = init_from_env(config.device)
+    if device != config.device:
+        config = config.model_copy(update={"device": device})
+    nproc, rank = dist_utils.world_size(), dist_utils.rank()
+    if config.batch_size % nproc:
+        raise ValueError(
+            f"batch_size {config.batch_size} is the global batch and must be divisible by "
+            f"the number of processes ({nproc})"
+        )
     seed_everything(config.seed)
     splits = splits or load_data(config)
     model = build_model(
@@ -127,8 +145,20 @@ def train(
         dropout=config.model.dropout,
         channels=config.model.channels,
     ).to(config.device)
+    if nproc > 1:
+        cuda = config.device.startswith("cuda")
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(config.device).index] if cuda else None
+        )
     optimizer = build_optimizer(config, model)
-    train_loader = splits.loader("train", config.batch_size, shuffle=True, seed=config.seed)
+    train_loader = splits.loader(
+        "train",
+        config.batch_size // nproc,
+        shuffle=True,
+        seed=config.seed,
+        rank=rank,
+        world_size=nproc,
+    )
     techniques = build_techniques(config, model, optimizer, len(train_loader), out_dir)
     started = time.perf_counter()
     fitted: FitResult = fit(
@@ -145,8 +175,14 @@ def train(
         **techniques,
     )
     seconds = time.perf_counter() - started
+    model = dist_utils.unwrap(model)
     test = test_metrics(model, splits, config.device)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {
+        "processes": nproc,
+        "global_batch_size": config.batch_size,
+        "batch_size_per_process": config.batch_size // nproc,
+        "lr": config.optimizer.lr,
+    }
     for name in ("ema", "swa"):
         averaged = techniques.get(name)
         if averaged is not None and (name == "ema" or getattr(averaged, "n_averaged", 0)):
@@ -169,11 +205,17 @@ def train(
 
 
 def write_run_dir(out_dir: Path, config: RunConfig, result: RunResult, model: nn.Module) -> None:
-    """config.toml, metrics.csv, model.safetensors, summary.json and curves.png."""
+    """config.toml, metrics.csv, model.safetensors, summary.json and curves.png.
+
+    Only the main process (rank 0) writes; other ranks return at once.
+    """
     from safetensors.torch import save_file
 
+    from trainwell.distributed import is_main_process
     from trainwell.plots import learning_curves
 
+    if not is_main_process():
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
     write_csv(out_dir / "metrics.csv", result.history)
