@@ -129,7 +129,10 @@ def fit(
     best_loss = float("inf")
     start_epoch = 0
     if resume:
+        # under DDP: wait for rank 0's last write, then every rank loads rank 0's choice
+        dist_utils.barrier()
         path = checkpoints.latest() if resume is True else Path(resume)
+        path = dist_utils.broadcast_object(path)
         if path is not None:
             start_epoch, result, best_state, best_loss = snapshot.restore(path)
     autocast = (
@@ -183,7 +186,14 @@ def fit(
                 bar.start_epoch(epoch, batches)
                 for i, batch in enumerate(train_loader):
                     x, y = _to_device(batch, device)
-                    with autocast:
+                    # DDP decides at forward time whether backward all-reduces: the forward of
+                    # every micro-step that does not end a window must run under no_sync()
+                    syncs = (
+                        accumulator is None
+                        or i + 1 == batches
+                        or (accumulator.micro_step + 1 >= accumulator.steps)
+                    )
+                    with dist_utils.maybe_no_sync(model, skip_sync=not syncs), autocast:
                         loss = loss_fn(model(x), y)
                     loss_sum += loss.detach() * len(y)
                     items += len(y)
