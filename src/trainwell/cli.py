@@ -130,6 +130,30 @@ def demo(
     execute(load_config(None), out or Path("runs/demo"), quiet)
 
 
+@app.command()
+def soup(
+    run_dir: Annotated[Path, typer.Argument(help="Directory of a run with checkpoints.")],
+    method: Annotated[str, typer.Option(help="greedy (Wortsman et al. 2022) or uniform.")] = (
+        "greedy"
+    ),
+    out: OutOption = None,
+) -> None:
+    """Average the checkpoints a run kept into one model file (a model soup)."""
+    from trainwell.souping import soup_run
+
+    try:
+        found = soup_run(run_dir, method, out)
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    table = Table(title=f"soup of {run_dir} (chosen: {', '.join(found['chosen'])})")
+    for column in found["rows"][0]:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in found["rows"]:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    console.print(f"wrote {found['path']}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
