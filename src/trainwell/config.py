@@ -101,6 +101,13 @@ class EarlyStoppingConfig(Section):
     patience: int = Field(7, ge=1)
     min_delta: float = Field(0.0, ge=0)
     delta_mode: Literal["abs", "rel"] = "abs"
+    baseline: float | None = Field(None, description="must beat this to count")
+    warmup: int = Field(0, ge=0, description="checks before which nothing counts")
+    stopping_threshold: float | None = Field(None, description="stop once this good")
+    divergence_threshold: float | None = Field(None, description="stop once this bad")
+    smoothing: Literal["none", "ema", "median"] = "none"
+    window: int = Field(5, ge=1, description="smoothing window")
+    nan_policy: Literal["stop", "worst", "raise"] = "stop"
     restore_best: bool = True
 
 
@@ -114,12 +121,15 @@ class EMAConfig(Section):
     enabled: bool = False
     decay: float = Field(0.999, gt=0, lt=1)
     warmup: bool = True
+    update_every: int = Field(1, ge=1)
+    buffers: Literal["copy", "average"] = "copy"
 
 
 class SWAConfig(Section):
     enabled: bool = False
     start: float = Field(0.75, gt=0, lt=1, description="fraction of epochs before averaging")
     lr: float | None = Field(None, gt=0, description="SWA learning rate (default: optimizer lr)")
+    anneal_epochs: int = Field(5, ge=1)
 
 
 class EnsembleConfig(Section):

@@ -81,13 +81,22 @@ def _averaging(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optim
     if config.ema.enabled:
         from trainwell.averaging import EMA
 
-        out["ema"] = EMA(model, decay=config.ema.decay, warmup=config.ema.warmup)
+        e = config.ema
+        out["ema"] = EMA(
+            model, e.decay, warmup=e.warmup, update_every=e.update_every, buffers=e.buffers
+        )
     if config.swa.enabled:
         from trainwell.averaging import SWA
 
         start = min(config.epochs - 1, max(1, round(config.swa.start * config.epochs)))
         swa_lr = config.swa.lr if config.swa.lr is not None else config.optimizer.lr
-        out["swa"] = SWA(model, start=start, optimizer=optimizer, swa_lr=swa_lr)
+        out["swa"] = SWA(
+            model,
+            start,
+            optimizer,
+            swa_lr,
+            anneal_epochs=max(1, min(config.swa.anneal_epochs, config.epochs - start)),
+        )
     return out
 
 
@@ -103,6 +112,13 @@ def _stopping(config: RunConfig, out_dir: Path | None) -> dict:
             patience=es.patience,
             min_delta=es.min_delta,
             delta_mode=es.delta_mode,
+            baseline=es.baseline,
+            warmup=es.warmup,
+            stopping_threshold=es.stopping_threshold,
+            divergence_threshold=es.divergence_threshold,
+            smoothing=None if es.smoothing == "none" else es.smoothing,
+            window=es.window,
+            nan_policy=es.nan_policy,
         )
         out["restore_best"] = es.restore_best
     if config.checkpoint.enabled and out_dir is not None:
