@@ -181,3 +181,25 @@ def test_fit_rejects_bad_epochs(splits):
     model, opt = make()
     with pytest.raises(ValueError, match="epochs must be a positive integer"):
         fit(model, splits.loader("train", 16), None, opt, epochs=0)
+
+
+def test_transforms_and_regularizer_see_unscaled_gradients_under_grad_scaler(splits):
+    from trainwell import Regularizer, clip_by_norm
+
+    norms = {}
+    for use_scaler in (False, True):
+        model, opt = make()
+        seen = []
+
+        class Record:
+            def apply_(self, params):
+                stats = clip_by_norm(1e9).apply_(params)
+                seen.append(float(stats["grad_norm"]))
+                return stats
+
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if use_scaler else None
+        torch.manual_seed(0)
+        fit(model, splits.loader("train", 16), None, opt, epochs=1, scaler=scaler,
+            regularizer=Regularizer(l2=1e-2), transforms=Record())  # fmt: skip
+        norms[use_scaler] = seen
+    assert norms[True] == pytest.approx(norms[False], rel=1e-4)
