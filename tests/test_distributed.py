@@ -332,5 +332,48 @@ def test_cli_nproc_two_runs_and_states_processes(tmp_path) -> None:
     assert summary["extra"]["processes"] == 2
 
 
+def test_sharded_sampler_splits_each_global_batch_across_ranks() -> None:
+    for n, world in [(64, 2), (10, 3), (7, 4)]:
+        full = list(EpochShuffleSampler(n, seed=4))
+        shards = [list(EpochShuffleSampler(n, 4, r, world)) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1 == len({len(EpochShuffleSampler(n, 4, r, world))
+                                                        for r in range(world)})  # fmt: skip
+        assert set().union(*shards) == set(range(n))  # padding repeats, never drops
+        per_rank = len(shards[0])
+        for j in range(per_rank):  # position j of every rank = consecutive global positions
+            got = [shards[r][j] for r in range(world)]
+            want = (full * 2)[j * world : (j + 1) * world]
+            assert got == want
+    a = EpochShuffleSampler(16, 0, 1, 2)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first  # reseeded per epoch
+
+
+def test_bad_arguments_are_rejected() -> None:
+    from trainwell.launch import env_world_size, torchrun_command
+
+    with pytest.raises(ValueError, match="rank must be in"):
+        EpochShuffleSampler(10, 0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="nproc must be a positive integer"):
+        torchrun_command(0, ["run"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "two")
+        with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
+            env_world_size()
+
+
+def test_cli_nproc_must_divide_the_global_batch(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from trainwell.cli import app
+
+    root = Path(__file__).parents[1]
+    config = str(root / "examples" / "ddp.toml")
+    result = CliRunner().invoke(app, ["run", config, "--nproc", "3", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "must be divisible by --nproc 3" in result.output
+
+
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
