@@ -15,6 +15,7 @@ which is the gradient of the mean loss over every item of the window.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -41,8 +42,10 @@ class Accumulator:
 
     With a ``GradScaler`` the backward goes through ``scaler.scale``; call
     ``scaler.unscale_(optimizer)`` after a window is due, then clip and step.
-    Under DDP every micro-step that does not complete the window runs under
-    ``model.no_sync()``: one gradient all-reduce per optimizer step. DDP averages
+    Under DDP every micro-step that does not complete the window must run under
+    ``model.no_sync()``: one gradient all-reduce per optimizer step. DDP decides at
+    *forward* time whether the next backward all-reduces, so wrap the forward too:
+    ``with acc.no_sync(last=...): loss = loss_fn(model(x), y)``. DDP averages
     gradients over ranks; when ranks see different item counts the exact
     global weighted mean needs the global weight, so (``global_weight=True``)
     the window's weight is all-reduced once per step (one host sync) and the
@@ -111,6 +114,15 @@ class Accumulator:
         if isinstance(weight, torch.Tensor):
             return weight.clamp(min=1.0)
         return weight if weight > 0 else 1.0
+
+    def no_sync(self, last: bool = False) -> contextlib.AbstractContextManager:
+        """Context for the next micro-batch's forward (and backward) pass.
+
+        Under DDP it is ``model.no_sync()`` unless this micro-batch ends the window
+        (``last=True`` or the window is full); elsewhere it does nothing.
+        """
+        due = last or self.micro_step + 1 >= self.steps
+        return maybe_no_sync(self.model, skip_sync=not due)
 
     def backward(self, loss: torch.Tensor, weight: Weight = 1.0, last: bool = False) -> bool:
         """Backward one micro-batch whose ``loss`` is a mean over ``weight`` items.

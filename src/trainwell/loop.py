@@ -187,13 +187,13 @@ def fit(
                 for i, batch in enumerate(train_loader):
                     x, y = _to_device(batch, device)
                     # DDP decides at forward time whether backward all-reduces: the forward of
-                    # every micro-step that does not end a window must run under no_sync()
-                    syncs = (
-                        accumulator is None
-                        or i + 1 == batches
-                        or (accumulator.micro_step + 1 >= accumulator.steps)
+                    # every micro-step that does not end a window runs under no_sync()
+                    sync = (
+                        accumulator.no_sync(last=i + 1 == batches)
+                        if accumulator is not None
+                        else contextlib.nullcontext()
                     )
-                    with dist_utils.maybe_no_sync(model, skip_sync=not syncs), autocast:
+                    with sync, autocast:
                         loss = loss_fn(model(x), y)
                     loss_sum += loss.detach() * len(y)
                     items += len(y)
