@@ -121,13 +121,117 @@ def resume(
     execute(cfg, run_dir, quiet, resume=True)
 
 
+SeedsOption = Annotated[
+    int | None, typer.Option("--seeds", min=1, help="Seeds per variant (default: ablation.seeds).")
+]
+JobsOption = Annotated[
+    int | None,
+    typer.Option("--jobs", "-j", min=1, help="Worker processes (one torch thread each)."),
+]
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="SQLAlchemy URL of the results store (default: DIR/results.sqlite)."),
+]
+
+
+def run_ablation(
+    raw: dict,
+    name: str,
+    out: Path,
+    seeds: int | None,
+    jobs: int | None,
+    db: str | None,
+    quiet: bool,
+    retry_failed: bool = False,
+) -> None:
+    """Run (or resume) a study into its store, then write and print its report."""
+    import os
+
+    from trainwell.experiment import run_study
+    from trainwell.report import print_table, summarize, write_report
+    from trainwell.store import Store, default_url
+
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+    try:
+        store = Store(db or default_url(out))
+        study = run_study(raw, store, name=name, seeds=seeds, jobs=jobs, progress=not quiet,
+                          retry_failed=retry_failed)  # fmt: skip
+        path = write_report(store, out, name)
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    print_table(summarize(store.runs(study)), console)
+    console.print(f"wrote {path} and {out / 'summary.png'}")
+
+
+@app.command()
+def ablate(
+    config: Annotated[Path, typer.Argument(help="TOML config with an [ablation] section.")],
+    seeds: SeedsOption = None,
+    jobs: JobsOption = None,
+    out: OutOption = None,
+    db: DbOption = None,
+    quiet: QuietOption = False,
+    retry_failed: Annotated[bool, typer.Option(help="Run failed runs again on resume.")] = False,
+) -> None:
+    """Train the base config and its variants over seeds; store results and write the report.
+
+    Run it again after a kill and it resumes: finished runs are skipped.
+    """
+    from trainwell.config import read_toml
+
+    try:
+        raw = read_toml(config)
+    except ConfigError as err:
+        fail(str(err))
+    name = str(raw.get("ablation", {}).get("name", config.stem))
+    run_ablation(
+        raw,
+        name,
+        out or Path("runs") / f"{config.stem}-ablation",
+        seeds,
+        jobs,
+        db,
+        quiet,
+        retry_failed,
+    )
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Directory of an ablation study.")],
+    db: DbOption = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: the newest).")] = None,
+) -> None:
+    """Rebuild report.html and summary.png of a study from its results store."""
+    from trainwell.report import print_table, summarize, write_report
+    from trainwell.store import Store, default_url
+
+    if db is None and not (run_dir / "results.sqlite").is_file():
+        fail(f"{run_dir}: no results.sqlite here; pass --db URL for another store")
+    try:
+        store = Store(db or default_url(run_dir))
+        path = write_report(store, run_dir, study)
+        print_table(summarize(store.runs(store.study_id(study))), console)
+    except ValueError as err:
+        fail(str(err))
+    console.print(f"wrote {path}")
+
+
 @app.command()
 def demo(
     out: OutOption = None,
+    seeds: SeedsOption = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes.")] = 2,
     quiet: QuietOption = False,
 ) -> None:
-    """Train the embedded default: an MLP on scikit-learn's digits (no download)."""
-    execute(load_config(None), out or Path("runs/demo"), quiet)
+    """The embedded default ablation: every technique on a small digits subset (no download)."""
+    from trainwell.demo_study import DEMO_TOML, demo_config
+
+    out = out or Path("runs/demo")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.toml").write_text(DEMO_TOML, encoding="utf-8")
+    run_ablation(demo_config(), "demo", out, seeds, jobs, None, quiet)
 
 
 @app.command()

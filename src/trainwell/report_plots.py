@@ -1,0 +1,205 @@
+"""Figures of the ablation report (matplotlib, headless Agg backend).
+
+``draw_all`` writes summary.png (effect sizes with intervals and cost), the
+learning curves overlaid per data size with early-stopping points, the strength
+curves (test NLL against each grid key, one line per data size) and the
+gradient-norm traces of runs that monitored them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = plt.get_cmap("tab10").colors
+LINES = ("-", "--", ":", "-.")
+
+
+def _style(i: int, variant: str) -> dict[str, Any]:
+    """Distinct colour and dash per variant; the base is a thick black line."""
+    if variant == "base":
+        return {"color": "black", "lw": 2.6, "ls": "-", "zorder": 5}
+    return {"color": COLORS[i % 10], "lw": 1.4, "ls": LINES[(i // 10) % len(LINES)]}
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    length = max((len(c) for c in curves), default=0)
+    out = []
+    for i in range(length):
+        vals = [c[i] for c in curves if i < len(c) and math.isfinite(c[i])]
+        out.append(sum(vals) / len(vals) if vals else float("nan"))
+    return out
+
+
+def summary_figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """Paired differences from base (NLL, accuracy) with 95% intervals, and time cost."""
+    rows = [r for r in rows if r["variant"] != "base"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows)) or ["(no variants)"]
+    datas = list(dict.fromkeys(r["data"] for r in rows)) or [""]
+    height = 1.2 + 0.32 * len(variants) * max(1, len(datas)) ** 0.5
+    fig, axes = plt.subplots(1, 3, figsize=(13, height), sharey=True, constrained_layout=True)
+    panels = (("d_test_nll", "Δ test NLL vs base (lower is better)", 1.0),
+              ("d_test_acc", "Δ test accuracy vs base (points)", 100.0),
+              ("cost", "training time relative to base", 1.0))  # fmt: skip
+    step = 0.7 / max(1, len(datas))
+    for ax, (key, title, scale) in zip(axes, panels, strict=False):
+        for j, data in enumerate(datas):
+            ys, xs, errs = [], [], []
+            for i, variant in enumerate(variants):
+                row = next((r for r in rows if r["variant"] == variant and r["data"] == data), None)
+                if row is None:
+                    continue
+                value = row[key] if key == "cost" else row[key][0]
+                err = 0.0 if key == "cost" else row[key][1]
+                ys.append(i + (j - (len(datas) - 1) / 2) * step)
+                xs.append(value * scale)
+                errs.append(err * scale if math.isfinite(err) else 0.0)
+            color = COLORS[j % len(COLORS)]
+            if key == "cost":
+                ax.barh(ys, xs, height=step * 0.9, color=color, alpha=0.8, label=data)
+            else:
+                ax.errorbar(xs, ys, xerr=errs, fmt="o", color=color, capsize=3, label=data)
+        ax.axvline(1.0 if key == "cost" else 0.0, color="#555", lw=1, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(variants)), variants)
+    axes[0].invert_yaxis()
+    if len(datas) > 1:
+        axes[2].legend(frameon=False, fontsize=8, loc="lower right")
+    fig.suptitle("Effect of each variant (mean and 95% CI of the paired difference over seeds)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def learning_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    """Validation loss per epoch (mean over seeds) per variant; x marks early stops."""
+    done = [r for r in runs if r["status"] == "done"]
+    datas = list(dict.fromkeys(r["data"] for r in done))
+    fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(5.5 * max(1, len(datas)), 4),
+                             squeeze=False, constrained_layout=True)  # fmt: skip
+    variants = list(dict.fromkeys(r["variant"] for r in done))
+    for ax, data in zip(axes[0], datas, strict=False):
+        for i, variant in enumerate(variants):
+            group = [r for r in done if r["data"] == data and r["variant"] == variant]
+            curves = [r["history"].get("val_loss", []) for r in group]
+            mean = _mean_curve(curves)
+            if not mean:
+                continue
+            style = _style(i, variant)
+            ax.plot(range(1, len(mean) + 1), mean, label=variant, **style)
+            for r, curve in zip(group, curves, strict=False):
+                if r["stop_reason"] not in (None, "max_epochs") and curve:
+                    ax.plot(len(curve), curve[-1], "x", color=style["color"], ms=8, mew=2)
+        ax.set(title=f"validation loss ({data})", xlabel="epoch", ylabel="val loss")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _value(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def strength_curves(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> bool:
+    """Test NLL against each numeric grid key, one line per data size; False if none."""
+    keys: dict[str, None] = {}
+    for r in runs:
+        if len(r["overrides"]) == 1:
+            (key, value), = r["overrides"].items()  # fmt: skip
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                keys[key] = None
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False,
+                             constrained_layout=True)  # fmt: skip
+    nll = {(r["data"], r["variant"]): r["test_nll"] for r in rows}
+    datas = list(dict.fromkeys(r["data"] for r in rows))
+    for ax, key in zip(axes[0], keys, strict=False):
+        for j, data in enumerate(datas):
+            points = {}
+            for r in runs:
+                if r["data"] != data:
+                    continue
+                if r["variant"] == "base":
+                    value = _value(json.loads(r["config"] or "{}"), key)
+                elif list(r["overrides"]) == [key]:
+                    value = r["overrides"][key]
+                else:
+                    continue
+                if isinstance(value, (int, float)) and (data, r["variant"]) in nll:
+                    points[float(value)] = nll[(data, r["variant"])]
+            if key.endswith(("l1", "l2", "weight_decay")) and points:
+                points.setdefault(0.0, nll.get((data, "base"), (math.nan, math.nan)))
+            xs = sorted(x for x in points if math.isfinite(x))
+            if not xs:
+                continue
+            ms = [points[x][0] for x in xs]
+            hs = [points[x][1] if math.isfinite(points[x][1]) else 0.0 for x in xs]
+            ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=data, color=COLORS[j % 10])
+        positive = [
+            x for r in runs for x in [r["overrides"].get(key)] if isinstance(x, (int, float))
+        ]
+        if positive and min(positive) > 0 and max(positive) / min(positive) >= 100:
+            ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set(title=key, xlabel="value", ylabel="test NLL (mean ± 95% CI)")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def grad_traces(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Global gradient norm per step (mean over seeds) per variant; False if none monitored."""
+    done = [r for r in runs if r["status"] == "done" and r["grad_trace"]]
+    if not done:
+        return False
+    datas = list(dict.fromkeys(r["data"] for r in done))
+    fig, axes = plt.subplots(1, len(datas), figsize=(5.5 * len(datas), 3.6), squeeze=False,
+                             constrained_layout=True)  # fmt: skip
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    for ax, data in zip(axes[0], datas, strict=False):
+        for i, variant in enumerate(variants):
+            group = [r for r in done if r["data"] == data and r["variant"] == variant]
+            if not group:
+                continue
+            steps = [row["step"] for row in max((r["grad_trace"] for r in group), key=len)]
+            mean = _mean_curve(
+                [[row.get("grad_norm", math.nan) for row in r["grad_trace"]] for r in group]
+            )
+            ax.plot(steps[: len(mean)], mean, label=variant, **_style(i, variant))
+        ax.set(title=f"gradient norm ({data})", xlabel="optimizer step", ylabel="global L2 norm")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def draw_all(
+    runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path
+) -> list[tuple[str, Path]]:
+    """Write every figure; ``(title, path)`` pairs, summary.png first."""
+    figures = [("summary", out_dir / "summary.png")]
+    summary_figure(rows, figures[0][1])
+    figures.append(("Learning curves (x: early stopping stopped)", out_dir / "curves.png"))
+    learning_curves(runs, figures[-1][1])
+    if strength_curves(runs, rows, out_dir / "strength.png"):
+        figures.append(("Strength vs data size", out_dir / "strength.png"))
+    if grad_traces(runs, out_dir / "grad_norms.png"):
+        figures.append(("Gradient-norm traces", out_dir / "grad_norms.png"))
+    return figures
