@@ -192,7 +192,7 @@ def test_transforms_and_regularizer_see_unscaled_gradients_under_grad_scaler(spl
         seen = []
 
         class Record:
-            def apply_(self, params):
+            def apply_(self, params, seen=seen):
                 stats = clip_by_norm(1e9).apply_(params)
                 seen.append(float(stats["grad_norm"]))
                 return stats
