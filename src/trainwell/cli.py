@@ -58,6 +58,9 @@ def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = Fal
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # written first, so `trainwell resume` can find it after a crash
         (out / "config.toml").write_text(to_toml(config), encoding="utf-8")
+    if config.ensemble.members > 1:
+        execute_ensemble(config, out)
+        return
     try:
         result, model = train(config, out_dir=out, progress=not quiet, resume=resume)
     except (ValueError, TypeError) as err:
@@ -75,6 +78,35 @@ def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = Fal
         "seconds": result.seconds,
     }
     console.print(results_table(f"trainwell run: {config.data.source} ({out})", rows))
+
+
+def execute_ensemble(config: RunConfig, out: Path) -> None:
+    """Train the ``[ensemble]`` members, write their files and print member vs ensemble."""
+    import json
+
+    from trainwell.members import train_ensemble, write_ensemble_outputs
+
+    try:
+        result = train_ensemble(config)
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    summary = {"config": config.model_dump(mode="json"), **write_ensemble_outputs(out, result)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    ens = summary["ensemble"]
+    table = Table(title=f"trainwell run: {config.ensemble.members}-member ensemble ({out})")
+    columns = ["acc", "nll", "ece", "brier", "nll_ts", "ece_ts"]
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
+    named = [(f"member {i}", m) for i, m in enumerate(ens["members"])]
+    for name, row in [
+        *named,
+        ("members (mean)", ens["members_mean"]),
+        ("ensemble", ens["ensemble"]),
+    ]:
+        table.add_row(name, *(f"{row[c]:.4f}" for c in columns))
+    console.print(table)
+    console.print("_ts: after temperature scaling fitted on the validation split")
 
 
 @app.command()
