@@ -198,7 +198,7 @@ def run_ablation(
 
 @app.command()
 def ablate(
-    config: Annotated[Path, typer.Argument(help="TOML config with an [ablation] section.")],
+    config: Annotated[Path, typer.Argument(help="TOML config with an \\[ablation] section.")],
     seeds: SeedsOption = None,
     jobs: JobsOption = None,
     out: OutOption = None,
