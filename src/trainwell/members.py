@@ -37,7 +37,6 @@ from trainwell.calibration import TemperatureScaler
 from trainwell.config import RunConfig
 from trainwell.data import Splits
 from trainwell.ensemble import Ensemble, combine_logits
-from trainwell.models import build_model
 
 DIVERSITY = ("seeds", "bagging", "snapshot")
 
@@ -95,17 +94,9 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _new_model(config: RunConfig, splits: Splits) -> nn.Module:
-    m = config.model
-    return build_model(
-        m.kind,
-        splits.n_features,
-        splits.n_classes,
-        hidden=m.hidden,
-        activation=m.activation,
-        norm=m.norm,
-        dropout=m.dropout,
-        channels=m.channels,
-    )
+    from trainwell.runner import model_for
+
+    return model_for(config, splits)
 
 
 def _train_member(
@@ -408,21 +399,11 @@ def write_ensemble_outputs(out_dir: str | Path, result: EnsembleResult) -> dict[
         {"model": "members_mean", **summary["members_mean"]},
         {"model": "ensemble", **summary["ensemble"]},
     ]
-    _write_csv(out / "ensemble_members.csv", rows)
+    from trainwell.runner import write_csv
+
+    write_csv(out / "ensemble_members.csv", rows)
     full = {**summary, "reliability": result.reliability}
     (out / "ensemble.json").write_text(json.dumps(full, indent=2), encoding="utf-8")
     reliability_diagram(result.reliability, out / "reliability.png")
     files = ["ensemble_members.csv", "ensemble.json", "reliability.png", "members/"]
     return {"ensemble": {**summary, "files": files}}
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -79,6 +79,21 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
     return None
 
 
+def model_for(config: RunConfig, splits: Splits) -> nn.Module:
+    """The configured built-in model, sized for the data (fresh initialization)."""
+    m = config.model
+    return build_model(
+        m.kind,
+        splits.n_features,
+        splits.n_classes,
+        hidden=m.hidden,
+        activation=m.activation,
+        norm=m.norm,
+        dropout=m.dropout,
+        channels=m.channels,
+    )
+
+
 def load_data(config: RunConfig) -> Splits:
     d = config.data
     return load_splits(
@@ -135,16 +150,7 @@ def train(
         )
     seed_everything(config.seed)
     splits = splits or load_data(config)
-    model = build_model(
-        config.model.kind,
-        splits.n_features,
-        splits.n_classes,
-        hidden=config.model.hidden,
-        activation=config.model.activation,
-        norm=config.model.norm,
-        dropout=config.model.dropout,
-        channels=config.model.channels,
-    ).to(config.device)
+    model = model_for(config, splits).to(config.device)
     if nproc > 1:
         cuda = config.device.startswith("cuda")
         model = torch.nn.parallel.DistributedDataParallel(

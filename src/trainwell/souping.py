@@ -17,8 +17,7 @@ from safetensors.torch import save_file
 from trainwell.checkpoint import CheckpointManager, load
 from trainwell.config import load_config
 from trainwell.evaluation import evaluate
-from trainwell.models import build_model
-from trainwell.runner import load_data, test_metrics
+from trainwell.runner import load_data, model_for, test_metrics
 from trainwell.soups import greedy_soup, uniform_soup
 
 
@@ -38,16 +37,7 @@ def soup_run(run_dir: Path, method: str = "greedy", out: Path | None = None) -> 
     val = splits.loader("val", 512)
     ingredients = []
     for path in paths:
-        model = build_model(
-            config.model.kind,
-            splits.n_features,
-            splits.n_classes,
-            hidden=config.model.hidden,
-            activation=config.model.activation,
-            norm=config.model.norm,
-            dropout=config.model.dropout,
-            channels=config.model.channels,
-        )
+        model = model_for(config, splits)
         model.load_state_dict(load(path)["model"])
         ingredients.append(model)
 
