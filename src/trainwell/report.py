@@ -202,7 +202,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;ma
 color:#1d2430;padding:0 1rem;line-height:1.45}
 h1{margin-bottom:.2rem} .sub{color:#5b6472;margin-top:0}
 .verdict{background:#eef5ff;border-left:4px solid #2f6fdf;padding:.8rem 1rem;border-radius:4px}
-table{border-collapse:collapse;width:100%;font-size:.78rem;margin:1rem 0;display:block;overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.78rem;margin:1rem 0;
+display:block;overflow-x:auto}
 th,td{padding:.35rem .5rem;border-bottom:1px solid #e3e6ea;text-align:right;white-space:nowrap}
 th{background:#f5f6f8;white-space:normal} td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}
 td:last-child{text-align:left;white-space:normal;max-width:22rem}
