@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from trainwell.metrics import check_labels
+
 __all__ = ["TemperatureScaler", "fit_temperature"]
 
 
@@ -40,12 +42,7 @@ def _check_data(logits: object, labels: object) -> tuple[Tensor, Tensor]:
             "logits must be non-empty float logits of shape (batch, classes, ...); "
             f"got {logits.dtype} of shape {tuple(logits.shape)}."
         )
-    expected = (logits.shape[0], *logits.shape[2:])
-    if labels.is_floating_point() or labels.is_complex() or tuple(labels.shape) != expected:
-        raise ValueError(
-            f"labels must be integer class indices of shape {expected}; "
-            f"got {labels.dtype} of shape {tuple(labels.shape)}."
-        )
+    check_labels(logits, labels)
     z = logits.detach().movedim(1, -1).reshape(-1, logits.shape[1]).double()
     y = labels.reshape(-1).to(z.device)
     classes = z.shape[1]

@@ -69,6 +69,16 @@ def _looks_like_probs(rows: Tensor, dtype: torch.dtype) -> Tensor:
     return in_range & ((rows.sum(1) - 1).abs().amax() <= tol)
 
 
+def check_labels(outputs: Tensor, labels: Tensor) -> None:
+    """Labels must be integer class indices shaped like ``outputs`` without its class dim."""
+    expected = (outputs.shape[0], *outputs.shape[2:])
+    if labels.is_floating_point() or labels.is_complex() or tuple(labels.shape) != expected:
+        raise ValueError(
+            f"labels must be integer class indices of shape {expected}; "
+            f"got {labels.dtype} of shape {tuple(labels.shape)}."
+        )
+
+
 def _prepare(outputs: Any, labels: Any, kind: str) -> tuple[Tensor, Tensor, bool]:
     """Rows ``(rows, classes)``, flat labels and whether the rows are probabilities."""
     _check_kind(kind)
@@ -79,12 +89,7 @@ def _prepare(outputs: Any, labels: Any, kind: str) -> tuple[Tensor, Tensor, bool
             "outputs must be float logits or probabilities of shape (batch, classes, ...); "
             f"got {outputs.dtype} of shape {tuple(outputs.shape)}."
         )
-    expected = (outputs.shape[0], *outputs.shape[2:])
-    if labels.is_floating_point() or labels.is_complex() or tuple(labels.shape) != expected:
-        raise ValueError(
-            f"labels must be integer class indices of shape {expected}; "
-            f"got {labels.dtype} of shape {tuple(labels.shape)}."
-        )
+    check_labels(outputs, labels)
     if outputs.numel() == 0:
         raise ValueError("outputs must hold at least one sample.")
     rows, y = _rows(outputs), labels.reshape(-1).to(outputs.device)
