@@ -31,8 +31,8 @@ ACCUMULATE = 4
 
 
 def _setup():
-    from trainwell.data import load_splits
-    from trainwell.models import build_model
+    from trainwell.app.data import load_splits
+    from trainwell.app.models import build_model
 
     splits = load_splits("digits", seed=0)
     torch.manual_seed(0)
@@ -42,8 +42,8 @@ def _setup():
 
 def _epochs(model, loader, opt, accumulate: int = 1, no_sync: bool = True) -> float:
     """Seconds for EPOCHS epochs of a hand-written (accumulating) DDP loop."""
-    from trainwell.accumulation import Accumulator
     from trainwell.distributed import maybe_no_sync
+    from trainwell.gradients.accumulation import Accumulator
 
     acc = Accumulator(model, steps=accumulate)
     started = time.perf_counter()

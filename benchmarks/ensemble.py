@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainwell.ensemble import Ensemble
-from trainwell.models import MLP
+from trainwell.app.models import MLP
+from trainwell.ensembles.ensemble import Ensemble
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "seq-mlp": lambda: nn.Sequential(

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from trainwell.adaptive_clipping import adaptive_clip
-from trainwell.clipping import clip_by_norm, clip_grad_norm_
-from trainwell.monitoring import GradMonitor
+from trainwell.gradients.adaptive import adaptive_clip
+from trainwell.gradients.monitor import GradMonitor
+from trainwell.gradients.transforms import clip_by_norm, clip_grad_norm_
 
 REPS = 15
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from trainwell import fit
-from trainwell.data import load_splits
-from trainwell.models import MLP
+from trainwell.app.data import load_splits
+from trainwell.app.models import MLP
 
 EPOCHS, REPS = 5, 7
 

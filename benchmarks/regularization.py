@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from trainwell.regularization import Regularizer
+from trainwell.regularization.penalties import Regularizer
 
 L1, L2 = 1e-5, 1e-4
 REPEATS = 30

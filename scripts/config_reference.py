@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from trainwell.config import RunConfig
+from trainwell.app.config import RunConfig
 
 BOUNDS = ("gt", "ge", "lt", "le", "min_length")
 

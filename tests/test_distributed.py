@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainwell.data import EpochShuffleSampler
-from trainwell.loop import fit
+from trainwell.app.data import EpochShuffleSampler
+from trainwell.training.loop import fit
 
 TIMEOUT_S = 90
 N, D, C = 64, 6, 3
@@ -51,7 +51,7 @@ def _flat(model: torch.nn.Module) -> list[float]:
 
 
 def _fit_run(batch: int, rank: int, world: int, ddp: bool) -> tuple[list[float], list]:
-    from trainwell.clipping import chain, clip_by_norm, skip_nonfinite
+    from trainwell.gradients.transforms import chain, clip_by_norm, skip_nonfinite
 
     x, y = _data()
     model = _model()
@@ -66,7 +66,7 @@ def _fit_run(batch: int, rank: int, world: int, ddp: bool) -> tuple[list[float],
 
 
 def _runner_config(epochs: int):
-    from trainwell.config import RunConfig
+    from trainwell.app.config import RunConfig
 
     return RunConfig.model_validate(
         {"seed": 0, "epochs": epochs, "batch_size": 32,
@@ -85,8 +85,8 @@ def _runner_weights(model: torch.nn.Module) -> list[float]:
 def _accumulation(rank: int) -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from trainwell.accumulation import Accumulator
     from trainwell.distributed import maybe_no_sync
+    from trainwell.gradients.accumulation import Accumulator
 
     x, y = _data()
     model = _model()
@@ -134,7 +134,7 @@ def _accumulation(rank: int) -> dict:
 
 
 def _clipping(rank: int) -> dict:
-    from trainwell.clipping import clip_by_norm, skip_nonfinite
+    from trainwell.gradients.transforms import clip_by_norm, skip_nonfinite
 
     x, y = _data()
     model = _model()
@@ -185,7 +185,7 @@ def _early_stopping(rank: int) -> dict:
 def worker(rank: int, port: int, out_dir: Path) -> None:
     from datetime import timedelta
 
-    from trainwell.runner import train, write_run_dir
+    from trainwell.app.runner import train, write_run_dir
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -261,7 +261,7 @@ def test_ddp_fit_equals_single_process_with_same_global_batch(ranks) -> None:
 
 
 def test_runner_ddp_equals_single_process_and_states_global_batch(ranks, tmp_path) -> None:
-    from trainwell.runner import train
+    from trainwell.app.runner import train
 
     r0, r1, out = ranks
     _, model = train(_runner_config(4), out_dir=tmp_path)
@@ -351,7 +351,7 @@ def test_sharded_sampler_splits_each_global_batch_across_ranks() -> None:
 
 
 def test_bad_arguments_are_rejected() -> None:
-    from trainwell.launch import env_world_size, torchrun_command
+    from trainwell.app.launch import env_world_size, torchrun_command
 
     with pytest.raises(ValueError, match="rank must be in"):
         EpochShuffleSampler(10, 0, rank=2, world_size=2)

@@ -1,43 +1,50 @@
-"""trainwell: correct, fast and measurable model-optimization techniques for PyTorch."""
+"""trainwell: correct, fast and measurable model-optimization techniques for PyTorch.
+
+The public API. Each name lives in the package of its layer (see docs/architecture.md):
+technique packages first, then the training loop.
+"""
 
 from trainwell.distributed import all_reduce_mean, is_distributed, rank, world_size
 
-# --- regularization (regularization.py) ---
-from trainwell.regularization import DEFAULT_EXCLUDE, Regularizer, max_norm_, param_groups
-
-# --- dropout (dropout.py) ---
-from trainwell.dropout import (
+# --- regularization/ ---
+from trainwell.regularization import (
+    DEFAULT_EXCLUDE,
     Dropout,
     DropoutSchedule,
     DropPath,
+    Regularizer,
     dropout_modules,
+    max_norm_,
     mc_predict,
+    param_groups,
     scheduled_rate,
     set_dropout,
 )
 
-# --- gradients (clipping.py, monitoring.py) ---
-from trainwell.clipping import (
+# --- gradients/ ---
+from trainwell.gradients import (
+    Accumulator,
     GradientTransform,
+    GradMonitor,
     NonFiniteGradError,
+    adaptive_clip,
+    auto_clip,
     chain,
     clip_by_norm,
     clip_by_value,
     clip_grad_norm_,
     clip_grad_value_,
+    grad_norm,
+    layer_grad_norms,
     skip_nonfinite,
+    zscore_clip,
 )
-from trainwell.adaptive_clipping import adaptive_clip, auto_clip, zscore_clip
-from trainwell.monitoring import GradMonitor, grad_norm, layer_grad_norms
 
-# --- accumulation (accumulation.py) ---
-from trainwell.accumulation import Accumulator
-
-# --- stopping (stopping.py) ---
+# --- stopping.py ---
 from trainwell.stopping import EarlyStopping
 
-# --- checkpoints (checkpoint.py) ---
-from trainwell.checkpoint import (
+# --- checkpoints/ ---
+from trainwell.checkpoints import (
     CheckpointError,
     CheckpointManager,
     load,
@@ -46,14 +53,17 @@ from trainwell.checkpoint import (
     set_rng_state,
 )
 
-# --- averaging (averaging.py) ---
-from trainwell.averaging import average_weights, update_bn
-from trainwell.running_average import EMA, SWA
-from trainwell.soups import greedy_soup, uniform_soup
+# --- averaging/ ---
+from trainwell.averaging import EMA, SWA, average_weights, greedy_soup, uniform_soup, update_bn
 
-# --- ensembles and metrics (ensemble.py, metrics.py) ---
-from trainwell.ensemble import Ensemble, combine, combine_logits
-from trainwell.calibration import TemperatureScaler, fit_temperature
+# --- ensembles/ and metrics.py ---
+from trainwell.ensembles import (
+    Ensemble,
+    TemperatureScaler,
+    combine,
+    combine_logits,
+    fit_temperature,
+)
 from trainwell.metrics import (
     accuracy,
     brier,
@@ -64,7 +74,7 @@ from trainwell.metrics import (
     reliability_diagram_data,
 )
 
-# --- loop (loop.py) ---
-from trainwell.loop import FitResult, fit
+# --- training/ ---
+from trainwell.training import FitResult, fit
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from trainwell.config import ConfigError, RunConfig, load_config, to_toml
+from trainwell.app.config import ConfigError, RunConfig, load_config, to_toml
 
 app = typer.Typer(
     name="trainwell",
@@ -52,7 +52,7 @@ def _default_out(config: RunConfig) -> Path:
 
 def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = False) -> None:
     """Train one run, write its directory and print its results table."""
-    from trainwell.runner import train, write_run_dir
+    from trainwell.app.runner import train, write_run_dir
 
     out = out or _default_out(config)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def execute_ensemble(config: RunConfig, out: Path) -> None:
     """Train the ``[ensemble]`` members, write their files and print member vs ensemble."""
     import json
 
-    from trainwell.members import train_ensemble, write_ensemble_outputs
+    from trainwell.app.ensemble_runner import train_ensemble, write_ensemble_outputs
 
     try:
         result = train_ensemble(config)
@@ -127,7 +127,7 @@ def run(
         cfg = load_config(config, set_ or [])
     except ConfigError as err:
         fail(str(err))
-    from trainwell.launch import env_world_size, launch
+    from trainwell.app.launch import env_world_size, launch
 
     if nproc > 1 and env_world_size() == 1:  # not yet under torchrun: re-launch through it
         if cfg.batch_size % nproc:
@@ -179,9 +179,10 @@ def run_ablation(
     """Run (or resume) a study into its store, then write and print its report."""
     import os
 
-    from trainwell.experiment import run_study
-    from trainwell.report import print_table, summarize, write_report
-    from trainwell.store import Store, default_url
+    from trainwell.study.execute import run_study
+    from trainwell.study.report import print_table, write_report
+    from trainwell.study.statistics import summarize
+    from trainwell.study.store import Store, default_url
 
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
@@ -210,7 +211,7 @@ def ablate(
 
     Run it again after a kill and it resumes: finished runs are skipped.
     """
-    from trainwell.config import read_toml
+    from trainwell.app.config import read_toml
 
     try:
         raw = read_toml(config)
@@ -236,8 +237,9 @@ def report(
     study: Annotated[str | None, typer.Option(help="Study name (default: the newest).")] = None,
 ) -> None:
     """Rebuild report.html and summary.png of a study from its results store."""
-    from trainwell.report import print_table, summarize, write_report
-    from trainwell.store import Store, default_url
+    from trainwell.study.report import print_table, write_report
+    from trainwell.study.statistics import summarize
+    from trainwell.study.store import Store, default_url
 
     if db is None and not (run_dir / "results.sqlite").is_file():
         fail(f"{run_dir}: no results.sqlite here; pass --db URL for another store")
@@ -258,7 +260,7 @@ def demo(
     quiet: QuietOption = False,
 ) -> None:
     """The embedded default ablation: every technique on a small digits subset (no download)."""
-    from trainwell.demo_study import DEMO_TOML, demo_config
+    from trainwell.study.demo import DEMO_TOML, demo_config
 
     out = out or Path("runs/demo")
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +277,7 @@ def soup(
     out: OutOption = None,
 ) -> None:
     """Average the checkpoints a run kept into one model file (a model soup)."""
-    from trainwell.souping import soup_run
+    from trainwell.app.soup_runner import soup_run
 
     try:
         found = soup_run(run_dir, method, out)
