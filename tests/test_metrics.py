@@ -13,8 +13,11 @@ from trainwell.metrics import (
     brier,
     disagreement,
     ece,
+    mae,
     mean_pairwise_kl,
+    mse,
     nll,
+    r2,
     reliability_diagram_data,
 )
 
@@ -208,3 +211,66 @@ def test_diversity_errors() -> None:
         disagreement([torch.randn(5, 3), torch.randn(4, 3)])
     with pytest.raises(ValueError, match="given as kind='probs'"):
         mean_pairwise_kl(torch.randn(2, 5, 3), kind="probs")
+
+
+# ------------------------------------------------------------------ regression
+def regression_data(n: int = 200, columns: int | None = None):
+    shape = (n,) if columns is None else (n, columns)
+    targets = torch.randn(shape) * 2 + 1
+    outputs = targets + torch.randn(shape) * 0.7 + 0.1
+    return outputs, targets
+
+
+@pytest.mark.parametrize("columns", [None, 1, 3])
+def test_regression_metrics_match_sklearn(columns) -> None:
+    sk = pytest.importorskip("sklearn.metrics")
+    outputs, targets = regression_data(columns=columns)
+    o, t = outputs.double().numpy(), targets.double().numpy()
+    assert mse(outputs, targets) == pytest.approx(sk.mean_squared_error(t, o), rel=1e-12)
+    assert mae(outputs, targets) == pytest.approx(sk.mean_absolute_error(t, o), rel=1e-12)
+    assert r2(outputs, targets) == pytest.approx(sk.r2_score(t, o), rel=1e-12)
+    # float64 inputs, and integer targets, work too
+    assert r2(outputs.double(), targets.double()) == pytest.approx(sk.r2_score(t, o), rel=1e-12)
+    rounded = targets.round().long()
+    assert mae(outputs, rounded) == pytest.approx(
+        sk.mean_absolute_error(rounded.numpy(), o), rel=1e-12
+    )
+
+
+def test_r2_averages_columns_uniformly_with_sklearns_constant_column_rule() -> None:
+    sk = pytest.importorskip("sklearn.metrics")
+    outputs, targets = regression_data(columns=3)
+    targets[:, 1] = 2.0  # constant column, predicted wrongly: scores 0
+    targets[:, 2] = -1.0  # constant column, predicted exactly: scores 1
+    outputs[:, 2] = -1.0
+    expected = sk.r2_score(targets.double().numpy(), outputs.double().numpy())
+    assert r2(outputs, targets) == pytest.approx(expected, rel=1e-9)
+    col0 = sk.r2_score(targets[:, 0].double().numpy(), outputs[:, 0].double().numpy())
+    assert r2(outputs, targets) == pytest.approx((col0 + 0.0 + 1.0) / 3, rel=1e-9)
+    assert r2(torch.zeros(3), torch.zeros(3)) == 1.0
+    assert math.isnan(r2(torch.ones(1), torch.zeros(1)))  # undefined with one sample
+
+
+def test_column_outputs_against_flat_targets_are_squeezed_never_broadcast() -> None:
+    sk = pytest.importorskip("sklearn.metrics")
+    outputs, targets = regression_data()
+    column = outputs.unsqueeze(1)  # (N, 1) against (N,): broadcasting would give (N, N)
+    broadcast_mse = float(((column - targets) ** 2).mean())
+    for fn, ref in ((mse, sk.mean_squared_error), (mae, sk.mean_absolute_error),
+                    (r2, sk.r2_score)):  # fmt: skip
+        expected = ref(targets.double().numpy(), outputs.double().numpy())
+        assert fn(column, targets) == pytest.approx(expected, rel=1e-9)
+        assert fn(outputs, targets.unsqueeze(1)) == pytest.approx(expected, rel=1e-9)
+    assert mse(column, targets) != pytest.approx(broadcast_mse, rel=1e-3)
+
+
+def test_regression_metric_errors_name_both_shapes() -> None:
+    for fn in (mse, mae, r2):
+        with pytest.raises(ValueError, match=r"outputs \(5, 2\) and targets \(5,\)"):
+            fn(torch.zeros(5, 2), torch.zeros(5))
+        with pytest.raises(ValueError, match=r"outputs \(4,\) and targets \(5,\)"):
+            fn(torch.zeros(4), torch.zeros(5))
+        with pytest.raises(ValueError, match="at least one value"):
+            fn(torch.zeros(0), torch.zeros(0))
+        with pytest.raises(TypeError, match="must be Tensors"):
+            fn([1.0, 2.0], torch.zeros(2))

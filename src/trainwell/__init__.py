@@ -4,6 +4,8 @@ The public API. Each name lives in the package of its layer (see docs/architectu
 technique packages first, then the training loop.
 """
 
+from typing import Any
+
 from trainwell.distributed import all_reduce_mean, is_distributed, rank, world_size
 
 # --- regularization/ ---
@@ -69,12 +71,29 @@ from trainwell.metrics import (
     brier,
     disagreement,
     ece,
+    mae,
     mean_pairwise_kl,
+    mse,
     nll,
+    r2,
     reliability_diagram_data,
 )
 
 # --- training/ ---
 from trainwell.training import FitResult, fit
+from trainwell.training.steps import StepOutput, supervised_step
+
+
+# --- study/ (imported when called, so that `import trainwell` stays light) ---
+def ablate(config: Any, **kwargs: Any) -> Any:
+    """Run an ablation study from Python and return its results.
+
+    ``trainwell.ablate(config, model=Net, data=make_datasets, loss=..., jobs=1)``; see
+    :func:`trainwell.study.api.ablate` for every argument and :class:`StudyResult`.
+    """
+    from trainwell.study.api import ablate as run
+
+    return run(config, **kwargs)
+
 
 __version__ = "0.1.0"

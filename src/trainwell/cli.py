@@ -46,8 +46,10 @@ def results_table(title: str, rows: dict[str, float]) -> Table:
 
 
 def _default_out(config: RunConfig) -> Path:
-    name = Path(config.data.source).stem
-    return Path("runs") / f"{name}-{config.model.kind}-seed{config.seed}"
+    data = config.data.target if config.data.target and ":" in config.data.target else None
+    name = data.rpartition(":")[2] if data else Path(config.data.source).stem
+    model = config.model.target.rpartition(":")[2] if config.model.target else config.model.kind
+    return Path("runs") / f"{name}-{model}-seed{config.seed}"
 
 
 def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = False) -> None:
@@ -77,7 +79,9 @@ def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = Fal
         "stop": result.stop_reason,
         "seconds": result.seconds,
     }
-    console.print(results_table(f"trainwell run: {config.data.source} ({out})", rows))
+    data = config.data.target if config.data.target and ":" in config.data.target else None
+    name = data.rpartition(":")[2] if data else config.data.source
+    console.print(results_table(f"trainwell run: {name} ({out})", rows))
 
 
 def execute_ensemble(config: RunConfig, out: Path) -> None:
@@ -211,10 +215,10 @@ def ablate(
 
     Run it again after a kill and it resumes: finished runs are skipped.
     """
-    from trainwell.app.config import read_toml
+    from trainwell.app.config import absolute_targets, read_toml
 
     try:
-        raw = read_toml(config)
+        raw = absolute_targets(read_toml(config), config.resolve().parent)
     except ConfigError as err:
         fail(str(err))
     name = str(raw.get("ablation", {}).get("name", config.stem))

@@ -1,8 +1,19 @@
-"""Classification metrics for every validation pass: accuracy, NLL, ECE, Brier, diversity.
+"""Metrics for every validation pass: classification (accuracy, NLL, ECE, Brier,
+ensemble diversity) and regression (MSE, MAE, R^2).
 
-Every metric takes ``outputs`` of shape ``(batch, classes, ...)`` (classes on dim 1, like
-``F.cross_entropy``) and integer ``labels`` of shape ``(batch, ...)``, and returns a Python
-float. ``kind`` says what ``outputs`` hold:
+Each metric is ``fn(outputs, targets) -> float``, so any of them can go into
+``fit(metrics={...})`` / ``evaluate(metrics={...})``.
+
+**Regression** (:func:`mse`, :func:`mae`, :func:`r2`) takes ``outputs`` and ``targets`` of
+the same shape; ``(N, 1)`` outputs with ``(N,)`` targets (or the reverse) are accepted and
+the trailing 1 is squeezed -- never broadcast, which would silently compare every output
+with every target as an ``(N, N)`` matrix. They are computed in float64 (float32 on MPS).
+:func:`r2` is the coefficient of determination ``1 - SS_res / SS_tot``; for 2-D targets it
+is computed per column and averaged uniformly (scikit-learn's ``r2_score`` default).
+
+**Classification**: every metric takes ``outputs`` of shape ``(batch, classes, ...)``
+(classes on dim 1, like ``F.cross_entropy``) and integer ``labels`` of shape
+``(batch, ...)``, and returns a Python float. ``kind`` says what ``outputs`` hold:
 
 * ``"logits"`` -- unnormalized scores (log-probabilities are logits too); softmax is applied.
 * ``"probs"`` -- probabilities (each row in [0, 1], summing to 1); checked.
@@ -37,8 +48,11 @@ __all__ = [
     "brier",
     "disagreement",
     "ece",
+    "mae",
     "mean_pairwise_kl",
+    "mse",
     "nll",
+    "r2",
     "reliability_diagram_data",
 ]
 
@@ -315,3 +329,82 @@ def mean_pairwise_kl(member_outputs: Tensor | Sequence[Tensor], kind: str = "aut
     self_term = m * (probs * log_probs).sum(dim=(0, 2))
     cross = (probs.sum(0) * log_probs.sum(0)).sum(1)
     return float(((self_term - cross) / (m * (m - 1))).mean())
+
+
+# ---------------------------------------------------------------- regression
+
+
+def _regression_pair(outputs: Any, targets: Any, name: str) -> tuple[Tensor, Tensor]:
+    """Same-shaped float64 ``(outputs, targets)``; a trailing size-1 dim on one is squeezed."""
+    if not isinstance(outputs, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError(
+            f"{name}: outputs and targets must be Tensors, got "
+            f"{type(outputs).__name__} and {type(targets).__name__}."
+        )
+    o, t = outputs.detach(), targets.detach()
+    if o.dim() == 2 and o.shape[1] == 1 and t.dim() == 1:
+        o = o[:, 0]
+    elif t.dim() == 2 and t.shape[1] == 1 and o.dim() == 1:
+        t = t[:, 0]
+    if o.shape != t.shape:
+        raise ValueError(
+            f"{name}: outputs and targets must have the same shape (or (N, 1) against (N,)); "
+            f"got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}."
+        )
+    if o.numel() == 0:
+        raise ValueError(f"{name}: outputs and targets must hold at least one value.")
+    dtype = torch.float32 if o.device.type == "mps" else torch.float64
+    return o.to(dtype), t.to(device=o.device, dtype=dtype)
+
+
+def mse(outputs: Tensor, targets: Tensor) -> float:
+    """Mean squared error ``mean((outputs - targets)^2)`` over every element.
+
+    Example:
+        >>> mse(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([1.0, 3.0, 2.0]))  # (0+1+4)/3
+        1.6666666666666667
+    """
+    o, t = _regression_pair(outputs, targets, "mse")
+    return float((o - t).square().mean())
+
+
+def mae(outputs: Tensor, targets: Tensor) -> float:
+    """Mean absolute error ``mean(|outputs - targets|)`` over every element.
+
+    Example:
+        >>> mae(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 3.0, 2.0]))  # (0+1+2)/3
+        1.0
+    """
+    o, t = _regression_pair(outputs, targets, "mae")
+    return float((o - t).abs().mean())
+
+
+def r2(outputs: Tensor, targets: Tensor) -> float:
+    """Coefficient of determination ``R^2 = 1 - SS_res / SS_tot``.
+
+    ``SS_res = sum_i (y_i - f_i)^2``, ``SS_tot = sum_i (y_i - mean(y))^2``. For 2-D (or
+    higher) targets ``(N, d, ...)`` it is computed per output column and averaged
+    uniformly, like ``sklearn.metrics.r2_score`` (``multioutput="uniform_average"``); a
+    column with constant targets scores 1.0 if predicted exactly, else 0.0 (sklearn's
+    ``force_finite``). 1 is perfect, 0 is predicting the mean, negative is worse than
+    that. NaN with fewer than two samples (undefined, as in sklearn).
+
+    Example:
+        >>> y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        >>> r2(y, y), r2(torch.full((4,), 2.5), y)
+        (1.0, 0.0)
+        >>> r2(torch.tensor([1.0, 2.0, 3.0, 5.0]), y)  # 1 - 1 / 5
+        0.8
+    """
+    o, t = _regression_pair(outputs, targets, "r2")
+    if t.shape[0] < 2:
+        return float("nan")
+    o, t = o.reshape(o.shape[0], -1), t.reshape(t.shape[0], -1)  # (N, columns)
+    ss_res = (t - o).square().sum(0)
+    ss_tot = (t - t.mean(0)).square().sum(0)
+    score = torch.where(
+        ss_tot != 0,
+        1 - ss_res / torch.where(ss_tot != 0, ss_tot, 1),
+        (ss_res == 0).to(o.dtype),
+    )
+    return float(score.mean())

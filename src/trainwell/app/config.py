@@ -7,12 +7,30 @@ prints them and exits with status 2.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainwell.app.entry_points import absolute_target
+
+OPTIMIZER_ALIASES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+LOSS_NAMES = ("cross_entropy", "mse", "l1", "huber", "bce_with_logits")
+#: Config keys that hold user code; relative file paths in them are relative to the config.
+TARGET_KEYS = ("model.target", "data.target", "data.collate", "task.loss", "task.step",
+               "task.metrics", "optimizer.name", "scheduler.name")  # fmt: skip
+
+
+def _torch_class(module: str, name: str, base: str) -> bool:
+    """Whether ``module.name`` is a class derived from ``module.base`` (e.g. an optimizer)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    cls, parent = getattr(mod, name, None), getattr(mod, base, None)
+    return isinstance(cls, type) and parent is not None and issubclass(cls, parent)
 
 
 class ConfigError(ValueError):
@@ -24,8 +42,16 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: str = Field("digits", description="digits | breast_cancer | wine | path.csv | path.npz")
-    target: str | None = Field(None, description="label column of a CSV file")
+    source: str = Field(
+        "digits", description="digits | breast_cancer | wine | diabetes | path.csv | path.npz"
+    )
+    target: str | None = Field(
+        None, description="label column of a CSV file, or 'module:function' returning datasets"
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword args of the target")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
+    pin_memory: bool = False
+    collate: str | None = Field(None, description="'module:function' collate_fn")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     train_fraction: float | None = Field(None, gt=0, le=1, description="keep part of train")
@@ -33,6 +59,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    target: str | None = Field(None, description="'module:Class' or 'file.py:Class' (user model)")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword args of the target")
     kind: Literal["mlp", "cnn"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
@@ -49,12 +77,72 @@ class ModelConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    name: str = Field(
+        "adamw", description="sgd | adam | adamw | any torch.optim class | module:Class"
+    )
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(0.0, ge=0)
     decoupled: bool = Field(True, description="weight decay via param_groups, no bias/norm decay")
-    scheduler: Literal["none", "cosine"] = "none"
+    scheduler: Literal["none", "cosine"] = Field("none", description="shorthand for [scheduler]")
+    args: dict[str, Any] = Field(default_factory=dict, description="more optimizer keyword args")
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        if (
+            ":" in name
+            or name.lower() in OPTIMIZER_ALIASES
+            or _torch_class("torch.optim", name, "Optimizer")
+        ):
+            return name
+        raise ValueError(
+            f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZER_ALIASES)}, a "
+            "torch.optim class name (e.g. RMSprop) or 'module:Class'"
+        )
+
+
+class SchedulerConfig(Section):
+    name: str = Field(
+        "none", description="none | any torch.optim.lr_scheduler class | module:Class"
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="scheduler keyword args")
+    interval: Literal["epoch", "step"] = Field("epoch", description="when the scheduler steps")
+    monitor: str = Field("val_loss", description="the metric a plateau scheduler watches")
+
+    @field_validator("name")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if (
+            name == "none"
+            or ":" in name
+            or _torch_class("torch.optim.lr_scheduler", name, "LRScheduler")
+        ):
+            return name
+        raise ValueError(
+            f"unknown scheduler {name!r}; accepted: none, a torch.optim.lr_scheduler class name "
+            "(e.g. OneCycleLR, ReduceLROnPlateau) or 'module:Class'"
+        )
+
+
+class TaskConfig(Section):
+    kind: Literal["classification", "regression"] = "classification"
+    loss: str | None = Field(
+        None, description="cross_entropy | mse | l1 | huber | bce_with_logits | module:function"
+    )
+    metrics: list[str] = Field(default_factory=list, description="extra 'module:function' metrics")
+    step: str | None = Field(
+        None, description="'module:function' batch hook (model, batch, loss_fn) -> step output"
+    )
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, loss: str | None) -> str | None:
+        if loss is None or ":" in loss or loss in LOSS_NAMES:
+            return loss
+        raise ValueError(
+            f"unknown loss {loss!r}; accepted: {', '.join(LOSS_NAMES)} or 'module:function'"
+        )
 
 
 class RegularizationConfig(Section):
@@ -143,12 +231,18 @@ class RunConfig(Section):
     """One training run."""
 
     seed: int = Field(0, ge=0)
-    device: str = "cpu"
+    device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N")
+    precision: Literal["32", "bf16", "16-mixed"] = Field(
+        "32", description="autocast dtype; 16-mixed adds a GradScaler"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
     gradients: GradientsConfig = Field(default_factory=GradientsConfig)
@@ -158,6 +252,26 @@ class RunConfig(Section):
     swa: SWAConfig = Field(default_factory=SWAConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     ablation: dict[str, Any] = Field(default_factory=dict, description="see `trainwell ablate`")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            return device
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps")
+
+    @model_validator(mode="after")
+    def _one_scheduler(self) -> RunConfig:
+        if self.optimizer.scheduler != "none" and self.scheduler.name != "none":
+            raise ValueError(
+                "optimizer.scheduler and scheduler.name are both set; use [scheduler] only"
+            )
+        return self
 
 
 def _accepted(model: type[BaseModel], loc: tuple) -> str:
@@ -180,7 +294,8 @@ def _format(err: ValidationError) -> str:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{key}: {e['msg'][0].lower() + e['msg'][1:]}{shown}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg[0].lower() + msg[1:]}{shown}")
     return "\n".join(lines)
 
 
@@ -252,7 +367,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         0.01
     """
     raw = read_toml(path) if path is not None else {}
-    return validate(apply_overrides(raw, overrides or []))
+    raw = apply_overrides(raw, overrides or [])
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    return validate(absolute_targets(raw, base))
+
+
+def absolute_targets(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``raw`` with every relative ``file.py:name`` target made absolute against ``base``.
+
+    So a run directory's ``config.toml`` (and a study's stored configs) still find the
+    user's files after the run moved away from the config that named them.
+
+    Example:
+        >>> absolute_targets({"model": {"target": "net.py:Net"}}, Path("/exp"))["model"]
+        {'target': '/exp/net.py:Net'}
+    """
+    for dotted in TARGET_KEYS:
+        section, _, key = dotted.partition(".")
+        table = raw.get(section)
+        if not isinstance(table, dict) or key not in table:
+            continue
+        value = table[key]
+        if isinstance(value, str) and ":" in value:
+            table[key] = absolute_target(value, base)
+        elif isinstance(value, list):
+            table[key] = [
+                absolute_target(v, base) if isinstance(v, str) and ":" in v else v for v in value
+            ]
+    return raw
 
 
 def to_toml(config: RunConfig) -> str:

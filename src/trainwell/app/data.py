@@ -8,20 +8,25 @@ feature scaling fitted on the training split only (no leakage), and an optional
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 EMBEDDED = {
     "digits": skdatasets.load_digits,
     "breast_cancer": skdatasets.load_breast_cancer,
     "wine": skdatasets.load_wine,
+    "diabetes": skdatasets.load_diabetes,
 }
 
 
@@ -68,29 +73,68 @@ class EpochShuffleSampler(Sampler[int]):
 
 @dataclass
 class Splits:
-    """Scaled feature arrays and integer labels for train / val / test."""
+    """The train / val / test datasets of a run and what the model needs to know of them.
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    n_classes: int
+    Any map-style ``torch.utils.data.Dataset`` works; the built-in and array sources give
+    ``TensorDataset`` s of float32 features and int64 labels (float32 targets for regression).
+    ``input_shape`` is the shape of one item's (first) input, ``n_features`` its number of
+    values, ``n_classes`` the number of classes (None for regression or when unknown) and
+    ``n_outputs`` what a model's last layer should produce (classes, or target values).
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
     name: str
+    task: str = "classification"
+    n_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    target_shape: tuple[int, ...] = ()
+    collate: Callable[[list[Any]], Any] | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
 
     @property
-    def n_features(self) -> int:
-        return int(self.x_train.shape[1])
+    def n_features(self) -> int | None:
+        return math.prod(self.input_shape) if self.input_shape is not None else None
+
+    @property
+    def n_outputs(self) -> int | None:
+        if self.task == "classification":
+            return self.n_classes
+        return math.prod(self.target_shape) if self.target_shape else 1
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        return getattr(self, split)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, y)`` of a split of tensors as NumPy arrays (array sources only)."""
+        x, y = self.tensors(split)
+        return x.numpy(), y.numpy()
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)`` of one split as float32 / int64 tensors."""
-        x, y = {
-            "train": (self.x_train, self.y_train),
-            "val": (self.x_val, self.y_val),
-            "test": (self.x_test, self.y_test),
-        }[split]
-        return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
+        """``(x, y)`` of a split as two stacked tensors (every item an ``(x, y)`` pair)."""
+        dataset = self.dataset(split)
+        if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+            return dataset.tensors[0], dataset.tensors[1]
+        batch = next(iter(self.loader(split, max(len(dataset), 1))))
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"the {split} split's items are not (input, target) pairs")
+        return batch[0], batch[1]
+
+    # the tabular arrays, as before (x_train, y_train, ...)
+    x_train = property(lambda self: self.arrays("train")[0])
+    y_train = property(lambda self: self.arrays("train")[1])
+    x_val = property(lambda self: self.arrays("val")[0])
+    y_val = property(lambda self: self.arrays("val")[1])
+    x_test = property(lambda self: self.arrays("test")[0])
+    y_test = property(lambda self: self.arrays("test")[1])
+
+    def with_train(self, train: Dataset) -> Splits:
+        """The same splits with another training set (a bootstrap resample, a subset)."""
+        return dataclasses.replace(self, train=train)
 
     def loader(
         self,
@@ -106,9 +150,34 @@ class Splits:
 
         ``rank`` / ``world_size`` shard a shuffled split across DDP processes.
         """
-        dataset = TensorDataset(*self.tensors(split))
+        dataset = self.dataset(split)
         sampler = EpochShuffleSampler(len(dataset), seed, rank, world_size) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+
+def array_splits(
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]], name: str, task: str, n_classes: int | None
+) -> Splits:
+    """Splits of ``TensorDataset`` s from ``{"train": (x, y), "val": ..., "test": ...}``."""
+    y_dtype = torch.int64 if task == "classification" else torch.float32
+    sets = {
+        split: TensorDataset(
+            torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=y_dtype)
+        )
+        for split, (x, y) in arrays.items()
+    }
+    x, y = arrays["train"]
+    return Splits(
+        **sets, name=name, task=task, n_classes=n_classes, input_shape=tuple(x.shape[1:]),
+        target_shape=tuple(y.shape[1:]),
+    )  # fmt: skip
 
 
 def load_arrays(source: str, target: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -162,32 +231,85 @@ def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _encode_labels(y: np.ndarray) -> tuple[np.ndarray, int]:
+    check_class_labels(y, "data")
     classes, encoded = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"data: the labels hold a single class ({classes[0]!r}); need at least 2")
     return encoded.astype(np.int64), len(classes)
 
 
-def _subsample(x, y, fraction: float | None, size: int | None, seed: int):
+def check_class_labels(y: np.ndarray, where: str) -> None:
+    """Refuse targets that look continuous under classification (never a silent
+    many-class classifier): fractional floats, or classes seen only once each."""
+    if y.dtype.kind == "c":
+        raise ValueError(f"{where}: complex targets are not class labels")
+    if y.dtype.kind == "f":
+        fractional = y[np.isfinite(y) & (y != np.round(y))]
+        if fractional.size:
+            raise ValueError(
+                f"{where}: the targets look continuous (e.g. {float(fractional[0]):g}), but "
+                'task.kind is "classification"; set [task] kind = "regression"'
+            )
+    values, counts = np.unique(y, return_counts=True)
+    once = int((counts < 2).sum())
+    if once:
+        raise ValueError(
+            f"{where}: {len(values)} distinct target values, {once} of them seen only once; "
+            'this looks like a continuous target: set [task] kind = "regression" (classes '
+            "need at least 2 samples each for the stratified split)"
+        )
+
+
+def split_indices(
+    n: int, labels: np.ndarray | None, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train / val / test indices, stratified by ``labels`` when given."""
+    index = np.arange(n)
+    rest, test = train_test_split(
+        index, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    val_share = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(
+        rest,
+        test_size=val_share,
+        stratify=labels[rest] if labels is not None else None,
+        random_state=seed,
+    )
+    return train, val, test
+
+
+def subsample_indices(
+    n: int, labels: np.ndarray | None, fraction: float | None, size: int | None, seed: int
+) -> np.ndarray:
+    """The training items ``train_fraction`` / ``train_size`` keep (stratified by ``labels``)."""
+    index = np.arange(n)
     if fraction is None and size is None:
-        return x, y
-    keep = size if size is not None else max(1, round(fraction * len(y)))
-    if keep >= len(y):
-        return x, y
-    n_classes = len(np.unique(y))
+        return index
+    if size is not None and size > n:
+        raise ValueError(
+            f"data.train_size is {size}, but the training split holds only {n} samples; "
+            f"use at most {n} (or data.train_fraction)"
+        )
+    keep = size if size is not None else max(1, round(fraction * n))
+    if keep >= n:
+        return index
+    if labels is None:
+        return np.sort(np.random.default_rng(seed).choice(n, size=keep, replace=False))
+    n_classes = len(np.unique(labels))
     if keep < n_classes:
         raise ValueError(
             f"data.train_fraction/train_size keeps {keep} samples, fewer than the "
             f"{n_classes} classes; keep at least one per class"
         )
-    x_kept, _, y_kept, _ = train_test_split(x, y, train_size=keep, stratify=y, random_state=seed)
-    return x_kept, y_kept
+    kept, _ = train_test_split(index, train_size=keep, stratify=labels, random_state=seed)
+    return kept
 
 
 def load_splits(
     source: str = "digits",
     *,
     target: str | None = None,
+    task: str = "classification",
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     train_fraction: float | None = None,
@@ -195,7 +317,7 @@ def load_splits(
     seed: int = 0,
     scale: bool = True,
 ) -> Splits:
-    """Load a dataset and split it: stratified, seeded, scaled on train only.
+    """Load a dataset and split it: seeded, stratified (classification), scaled on train only.
 
     Example:
         >>> s = load_splits("wine", seed=0)
@@ -218,16 +340,27 @@ def load_splits(
         raise ValueError(
             f"data: {bad} rows of features hold NaN or Inf; clean or impute them first"
         )
-    y, n_classes = _encode_labels(y_raw)
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=test_fraction, stratify=y, random_state=seed
-    )
-    val_share = val_fraction / (1.0 - test_fraction)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=val_share, stratify=y_rest, random_state=seed
-    )
-    x_train, y_train = _subsample(x_train, y_train, train_fraction, train_size, seed)
+    if task == "classification":
+        y, n_classes = _encode_labels(y_raw)
+        labels: np.ndarray | None = y
+    else:
+        try:
+            y = np.asarray(y_raw, dtype=np.float32)
+        except ValueError:
+            raise ValueError("data: regression targets must be numbers") from None
+        if not np.isfinite(y).all():
+            raise ValueError("data: some regression targets are NaN or Inf; clean them first")
+        n_classes, labels = None, None
+    train, val, test = split_indices(len(y), labels, val_fraction, test_fraction, seed)
+    train = train[
+        subsample_indices(
+            len(train), labels[train] if labels is not None else None, train_fraction,
+            train_size, seed,
+        )
+    ]  # fmt: skip
+    x_train, x_val, x_test = x[train], x[val], x[test]
     if scale:
         scaler = StandardScaler().fit(x_train)
         x_train, x_val, x_test = (scaler.transform(a) for a in (x_train, x_val, x_test))
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, n_classes, name)
+    arrays = {"train": (x_train, y[train]), "val": (x_val, y[val]), "test": (x_test, y[test])}
+    return array_splits(arrays, name, task, n_classes)

@@ -19,7 +19,6 @@ with ``jobs > 1`` they train in parallel spawned processes, one torch thread eac
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from trainwell.app.config import RunConfig
 from trainwell.app.data import Splits
@@ -83,9 +83,9 @@ def bootstrap(splits: Splits, seed: int) -> Splits:
         >>> b.x_train.shape == s.x_train.shape, len(np.unique(b.x_train, axis=0)) < len(s.x_train)
         (True, True)
     """
-    n = len(splits.y_train)
+    n = len(splits.train)
     index = np.random.default_rng(seed).integers(0, n, size=n)
-    return dataclasses.replace(splits, x_train=splits.x_train[index], y_train=splits.y_train[index])
+    return splits.with_train(Subset(splits.train, index.tolist()))
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,7 +121,9 @@ def _train_snapshot(
     config: RunConfig, splits: Splits
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]], list[dict[str, float]]]:
     """One run with ``CosineAnnealingWarmRestarts``; a member at the end of each cycle."""
-    from trainwell.app.runner import build_optimizer, seed_everything
+    from trainwell.app.optim import build_optimizer
+    from trainwell.app.runner import seed_everything, step_of, task_of
+    from trainwell.app.tasks import validation_metrics
     from trainwell.app.techniques import build_techniques
     from trainwell.training.loop import fit
 
@@ -160,11 +162,15 @@ def _train_snapshot(
                 )
 
     techniques = build_techniques(config, model, optimizer, len(loader), None)
+    task = task_of(config)
     fitted = fit(
         model,
         loader,
         splits.loader("val", 512),
         optimizer,
+        task.loss,
+        step=step_of(config),
+        metrics=validation_metrics(task),
         epochs=cycle * members,
         device=config.device,
         scheduler=scheduler,
@@ -243,9 +249,15 @@ def train_ensemble(
         >>> len(result.members), sorted(result.report["ensemble"])[:4]
         (2, ['acc', 'acc_ts', 'brier', 'brier_ts'])
     """
-    from trainwell.app.runner import load_data
+    from trainwell.app.runner import load_data, resolve_device
 
     jobs = _check(config, jobs)
+    config = config.model_copy(update={"device": resolve_device(config.device)})
+    if config.task.kind != "classification":
+        raise ValueError(
+            "ensemble.members > 1 trains and calibrates a classification ensemble; "
+            f"task.kind is {config.task.kind!r} (train regression members as separate runs)"
+        )
     splits = splits if splits is not None else load_data(config)
     started = time.perf_counter()
     states, runs, history = train_members(config, splits, jobs)

@@ -16,20 +16,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def learning_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Train/val loss and val accuracy per epoch, side by side, as a PNG."""
+    """Train/val loss and the main validation metric per epoch, side by side, as a PNG.
+
+    The metric is accuracy for classification, R^2 (or MSE) for regression: the first of
+    ``val_acc``, ``val_r2``, ``val_mse`` the history holds.
+    """
     epochs = [row["epoch"] + 1 for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    first = history[0] if history else {}
+    metric = next((m for m in ("acc", "r2", "mse") if f"val_{m}" in first), None)
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "EMA val")):
-        if history and key in history[0]:
+        if key in first:
             ax_loss.plot(epochs, [row[key] for row in history], label=label)
-    for key, label in (("val_acc", "val"), ("ema_val_acc", "EMA val")):
-        if history and key in history[0]:
-            ax_acc.plot(epochs, [row[key] for row in history], label=label)
+    names = {"acc": "accuracy", "r2": "R²", "mse": "MSE"}
+    if metric is not None:
+        for key, label in ((f"val_{metric}", "val"), (f"ema_val_{metric}", "EMA val")):
+            if key in first:
+                ax_metric.plot(epochs, [row[key] for row in history], label=label)
+        ax_metric.set(ylabel=names[metric], title=f"Validation {names[metric]}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_metric.set(xlabel="epoch")
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
+        if ax.get_lines():
+            ax.legend(frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

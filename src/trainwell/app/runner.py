@@ -21,9 +21,13 @@ from torch import nn
 from trainwell.app.config import RunConfig, to_toml
 from trainwell.app.data import Splits, load_splits
 from trainwell.app.models import build_model
+from trainwell.app.optim import build_optimizer, build_scheduler
+from trainwell.app.tasks import Task, build_task, validation_metrics
 from trainwell.app.techniques import build_techniques
 from trainwell.training.evaluation import predict
-from trainwell.training.loop import FitResult, fit
+from trainwell.training.loop import fit
+from trainwell.training.result import FitResult
+from trainwell.training.steps import supervised_step
 
 
 @dataclass
@@ -56,36 +60,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured optimizer; weight decay is decoupled and skips biases/norms by default."""
-    opt = config.optimizer
-    if opt.weight_decay > 0 and opt.decoupled:
-        from trainwell.regularization.penalties import param_groups
-
-        groups: Any = param_groups(model, opt.weight_decay)
-        decay = 0.0
-    else:
-        groups, decay = model.parameters(), opt.weight_decay
-    if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=decay)
-    if opt.name == "adam":
-        return torch.optim.Adam(groups, lr=opt.lr, weight_decay=decay)
-    return torch.optim.AdamW(groups, lr=opt.lr, weight_decay=decay)
-
-
-def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
-    if config.optimizer.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    return None
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; a device this torch
+    cannot use is a one-line ``ValueError``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device = {device!r}, but this torch build sees no CUDA GPU "
+                f"(torch {torch.__version__}); use device = 'auto' or 'cpu'"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device = {device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device = 'mps', but MPS is not available here; use 'auto' or 'cpu'")
+    return device
 
 
 def model_for(config: RunConfig, splits: Splits) -> nn.Module:
-    """The configured built-in model, sized for the data (fresh initialization)."""
+    """The configured model, sized for the data (fresh initialization).
+
+    A ``model.target`` is called with ``[model.args]``, plus ``n_features``, ``n_classes``,
+    ``n_outputs`` and ``input_shape`` from the data where its signature names them.
+    """
     m = config.model
+    if m.target:
+        from trainwell.app.entry_points import EntryPointError, call, resolve_callable
+
+        provided = {
+            "n_features": splits.n_features,
+            "n_classes": splits.n_classes,
+            "n_outputs": splits.n_outputs,
+            "input_shape": splits.input_shape,
+        }
+        fn = resolve_callable("model.target", m.target)
+        model = call("model.target", m.target, fn, m.args, provided)
+        if not isinstance(model, nn.Module):
+            raise EntryPointError(
+                f"model.target = {m.target!r} returned a {type(model).__name__}, not a "
+                "torch.nn.Module"
+            )
+        return model
+    if splits.n_features is None or splits.n_outputs is None or len(splits.input_shape or ()) != 1:
+        raise ValueError(
+            f"model.kind {m.kind!r} needs items of 1-D features and known outputs; the data "
+            f"gives input_shape {splits.input_shape}: set model.target to your own model"
+        )
     return build_model(
         m.kind,
         splits.n_features,
-        splits.n_classes,
+        splits.n_outputs,
         hidden=m.hidden,
         activation=m.activation,
         norm=m.norm,
@@ -95,29 +123,66 @@ def model_for(config: RunConfig, splits: Splits) -> nn.Module:
 
 
 def load_data(config: RunConfig) -> Splits:
+    """The run's splits: a ``data.target`` entry point, or a built-in / CSV / NPZ source."""
     d = config.data
-    return load_splits(
+    if d.target and ":" in d.target:
+        from trainwell.app.user_data import load_user_splits
+
+        return load_user_splits(config)
+    splits = load_splits(
         d.source,
         target=d.target,
+        task=config.task.kind,
         val_fraction=d.val_fraction,
         test_fraction=d.test_fraction,
         train_fraction=d.train_fraction,
         train_size=d.train_size,
         seed=config.seed,
     )
+    if d.collate:
+        from trainwell.app.entry_points import resolve_callable
+
+        splits.collate = resolve_callable("data.collate", d.collate)
+    splits.num_workers, splits.pin_memory = d.num_workers, d.pin_memory
+    return splits
 
 
-def test_metrics(model: nn.Module, splits: Splits, device: str) -> dict[str, float]:
-    """Accuracy, NLL, ECE and Brier score of a model on the test split."""
-    from trainwell import metrics
+def task_of(config: RunConfig) -> Task:
+    return build_task(config.task.kind, config.task.loss, config.task.metrics)
 
-    logits, labels = predict(model, splits.loader("test", 512), device)
-    return {
-        "test_acc": metrics.accuracy(logits, labels),
-        "test_nll": metrics.nll(logits, labels),
-        "test_ece": metrics.ece(logits, labels),
-        "test_brier": metrics.brier(logits, labels),
-    }
+
+def step_of(config: RunConfig) -> Any:
+    """The batch hook: ``[task] step`` or trainwell's default ``(inputs..., target)`` step."""
+    if config.task.step:
+        from trainwell.app.entry_points import resolve_callable
+
+        return resolve_callable("task.step", config.task.step)
+    return supervised_step
+
+
+def test_metrics(
+    model: nn.Module,
+    splits: Splits,
+    device: str,
+    task: Task | None = None,
+    step: Any = supervised_step,
+) -> dict[str, float]:
+    """The task's test metrics (``test_acc``, ``test_nll``, ... or ``test_mse``, ...)."""
+    task = task or build_task(splits.task, None, [])
+    outputs, targets = predict(
+        model, splits.loader("test", 512), device, step=step, loss_fn=task.loss
+    )
+    return task.evaluate(outputs, targets, "test_")
+
+
+def precision_args(config: RunConfig, device: str) -> dict[str, Any]:
+    """``fit()`` keyword arguments for ``precision``: autocast dtype and GradScaler."""
+    if config.precision == "bf16":
+        return {"autocast_dtype": torch.bfloat16}
+    if config.precision == "16-mixed":
+        kind = torch.device(device).type
+        return {"autocast_dtype": torch.float16, "scaler": torch.amp.GradScaler(kind)}
+    return {}
 
 
 def train(
@@ -139,7 +204,7 @@ def train(
     from trainwell import distributed as dist_utils
     from trainwell.app.launch import init_from_env
 
-    device = init_from_env(config.device)
+    device = init_from_env(resolve_device(config.device))
     if device != config.device:
         config = config.model_copy(update={"device": device})
     nproc, rank = dist_utils.world_size(), dist_utils.rank()
@@ -150,6 +215,7 @@ def train(
         )
     seed_everything(config.seed)
     splits = splits or load_data(config)
+    task, step = task_of(config), step_of(config)
     model = model_for(config, splits).to(config.device)
     if nproc > 1:
         cuda = config.device.startswith("cuda")
@@ -165,24 +231,33 @@ def train(
         rank=rank,
         world_size=nproc,
     )
+    steps_per_epoch = -(-len(train_loader) // config.gradients.accumulate)
+    scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
     techniques = build_techniques(config, model, optimizer, len(train_loader), out_dir)
+    trained = torch.compile(model) if config.compile else model
     started = time.perf_counter()
     fitted: FitResult = fit(
-        model,
+        trained,
         train_loader,
         splits.loader("val", 512),
         optimizer,
+        task.loss,
         epochs=config.epochs,
         device=config.device,
-        scheduler=build_scheduler(config, optimizer),
+        scheduler=scheduler,
+        scheduler_interval=interval,
+        scheduler_monitor=config.scheduler.monitor,
+        step=step,
+        metrics=validation_metrics(task),
         progress=progress,
         resume=resume,
         callbacks=callbacks,
+        **precision_args(config, config.device),
         **techniques,
     )
     seconds = time.perf_counter() - started
     model = dist_utils.unwrap(model)
-    test = test_metrics(model, splits, config.device)
+    test = test_metrics(model, splits, config.device, task, step)
     extra: dict[str, Any] = {
         "processes": nproc,
         "global_batch_size": config.batch_size,
@@ -192,7 +267,7 @@ def train(
     for name in ("ema", "swa"):
         averaged = techniques.get(name)
         if averaged is not None and (name == "ema" or getattr(averaged, "n_averaged", 0)):
-            scores = test_metrics(averaged.module, splits, config.device)
+            scores = test_metrics(averaged.module, splits, config.device, task, step)
             extra.update({f"{name}_{k}": v for k, v in scores.items()})
     result = RunResult(
         history=fitted.history,

@@ -38,7 +38,9 @@ def execute_run(raw: dict[str, Any]) -> dict[str, Any]:
         epoch = bad if bad is not None else len(losses) - 1
         raise FloatingPointError(f"training diverged: non-finite train loss at epoch {epoch}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    if torch.cuda.is_available() and config.device.startswith("cuda"):
+    from trainwell.app.runner import resolve_device
+
+    if torch.cuda.is_available() and resolve_device(config.device).startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     keep = ("step", "grad_norm")
     return {

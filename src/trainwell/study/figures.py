@@ -2,7 +2,7 @@
 
 ``draw_all`` writes summary.png (effect sizes with intervals and cost), the
 learning curves overlaid per data size with early-stopping points, the strength
-curves (test NLL against each grid key, one line per data size) and the
+curves (the primary test metric against each grid key, one line per data size) and the
 gradient-norm traces of runs that monitored them.
 """
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from trainwell.app.tasks import METRIC_NAMES, higher_is_better
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,16 +40,24 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
     return out
 
 
+def _panel(metric: str) -> tuple[str, str, float]:
+    """``(row key, title, scale)`` of a summary panel of a metric's paired difference."""
+    if metric.endswith("_acc"):
+        return f"d_{metric}", "Δ test accuracy vs base (points)", 100.0
+    better = "higher" if higher_is_better(metric) else "lower"
+    name = METRIC_NAMES.get(metric, metric)
+    return f"d_{metric}", f"Δ test {name} vs base ({better} is better)", 1.0
+
+
 def summary_figure(rows: list[dict[str, Any]], path: Path) -> None:
-    """Paired differences from base (NLL, accuracy) with 95% intervals, and time cost."""
+    """Paired differences from base (the two main metrics) with 95% intervals, and time cost."""
+    primary, secondary = rows[0]["metrics"][:2] if rows else ("test_nll", "test_acc")
     rows = [r for r in rows if r["variant"] != "base"]
     variants = list(dict.fromkeys(r["variant"] for r in rows)) or ["(no variants)"]
     datas = list(dict.fromkeys(r["data"] for r in rows)) or [""]
     height = 1.2 + 0.32 * len(variants) * max(1, len(datas)) ** 0.5
     fig, axes = plt.subplots(1, 3, figsize=(13, height), sharey=True, constrained_layout=True)
-    panels = (("d_test_nll", "Δ test NLL vs base (lower is better)", 1.0),
-              ("d_test_acc", "Δ test accuracy vs base (points)", 100.0),
-              ("cost", "training time relative to base", 1.0))  # fmt: skip
+    panels = (_panel(primary), _panel(secondary), ("cost", "training time relative to base", 1.0))
     step = 0.7 / max(1, len(datas))
     for ax, (key, title, scale) in zip(axes, panels, strict=False):
         for j, data in enumerate(datas):
@@ -114,7 +124,8 @@ def _value(config: dict[str, Any], dotted: str) -> Any:
 
 
 def strength_curves(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> bool:
-    """Test NLL against each numeric grid key, one line per data size; False if none."""
+    """The primary test metric against each numeric grid key, one line per data size; False
+    if the study has no numeric grid key."""
     keys: dict[str, None] = {}
     for r in runs:
         if len(r["overrides"]) == 1:
@@ -125,7 +136,8 @@ def strength_curves(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False,
                              constrained_layout=True)  # fmt: skip
-    nll = {(r["data"], r["variant"]): r["test_nll"] for r in rows}
+    primary = rows[0]["metrics"][0] if rows else "test_nll"
+    nll = {(r["data"], r["variant"]): r[primary] for r in rows}
     datas = list(dict.fromkeys(r["data"] for r in rows))
     for ax, key in zip(axes[0], keys, strict=False):
         for j, data in enumerate(datas):
@@ -154,7 +166,8 @@ def strength_curves(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path
         ]
         if positive and min(positive) > 0 and max(positive) / min(positive) >= 100:
             ax.set_xscale("symlog", linthresh=min(positive))
-        ax.set(title=key, xlabel="value", ylabel="test NLL (mean ± 95% CI)")
+        label = METRIC_NAMES.get(primary, primary)
+        ax.set(title=key, xlabel="value", ylabel=f"test {label} (mean ± 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
     fig.savefig(path, dpi=100)

@@ -13,10 +13,29 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainwell.study.statistics import HIGHER_BETTER, summarize
+from trainwell.app.tasks import METRIC_NAMES, higher_is_better
+from trainwell.study.statistics import summarize
 from trainwell.study.store import Store
 
-NAMES = {"test_acc": "accuracy", "test_nll": "NLL", "test_ece": "ECE"}
+
+def _scale(metric: str) -> float:
+    """Accuracy is shown in percent (points), everything else as is."""
+    return 100.0 if metric.endswith("_acc") else 1.0
+
+
+def _label(metric: str) -> str:
+    return "acc pts" if metric.endswith("_acc") else METRIC_NAMES.get(metric, metric)
+
+
+def _diff_text(row: dict[str, Any], metric: str) -> str:
+    d = row[f"d_{metric}"][0]
+    if metric.endswith("_acc"):
+        return f"{d * 100:+.1f} pts accuracy"
+    return f"{'+' if d >= 0 else ''}{d:.3g} {_label(metric)}"
+
+
+def _metrics(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    return rows[0]["metrics"] if rows else ("test_nll", "test_acc", "test_ece")
 
 
 def _effect(row: dict[str, Any], metric: str) -> str:
@@ -24,36 +43,38 @@ def _effect(row: dict[str, Any], metric: str) -> str:
     d, h = row[f"d_{metric}"]
     if not math.isfinite(d) or not math.isfinite(h) or abs(d) <= h:
         return "none"
-    better = (d > 0) == HIGHER_BETTER[metric]
+    better = (d > 0) == bool(higher_is_better(metric))
     return "improved" if better else "worsened"
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
     """A plain-language paragraph computed from the summary rows."""
     sentences = []
+    primary, secondary = _metrics(rows)[:2]
+    name = METRIC_NAMES.get(primary, primary)
     for data in dict.fromkeys(r["data"] for r in rows):
         group = [r for r in rows if r["data"] == data and r["variant"] != "base" and r["n"]]
         better, worse, none = [], [], []
         for row in group:
-            d, h = row["d_test_nll"]
-            text = f"{row['variant']} ({'+' if d >= 0 else ''}{d:.3f} ± {h:.3f} NLL"
-            text += f", {row['d_test_acc'][0] * 100:+.1f} pts accuracy, {row['cost']:.2g}x time)"
-            kind = _effect(row, "test_nll")
+            d, h = row[f"d_{primary}"]
+            text = f"{row['variant']} ({'+' if d >= 0 else ''}{d:.3g} ± {h:.3g} {name}"
+            text += f", {_diff_text(row, secondary)}, {row['cost']:.2g}x time)"
+            kind = _effect(row, primary)
             (better if kind == "improved" else worse if kind == "worsened" else none).append(text)
         parts = []
         if better:
-            parts.append("improved test NLL: " + "; ".join(better))
+            parts.append(f"improved test {name}: " + "; ".join(better))
         if worse:
-            parts.append("made test NLL worse: " + "; ".join(worse))
+            parts.append(f"made test {name} worse: " + "; ".join(worse))
         if none:
             names = ", ".join(t.split(" (")[0] for t in none)
-            parts.append(f"made no measurable difference to test NLL: {names}")
-        scored = [
-            r for r in rows if r["data"] == data and r["n"] and math.isfinite(r["test_nll"][0])
-        ]
+            parts.append(f"made no measurable difference to test {name}: {names}")
+        scored = [r for r in rows if r["data"] == data and r["n"] and math.isfinite(r[primary][0])]
         if scored:
-            best = min(scored, key=lambda r: r["test_nll"][0])
-            parts.append(f"lowest mean test NLL: {best['variant']} ({best['test_nll'][0]:.3f})")
+            high = bool(higher_is_better(primary))
+            best = (max if high else min)(scored, key=lambda r: r[primary][0])
+            word = "highest" if high else "lowest"
+            parts.append(f"{word} mean test {name}: {best['variant']} ({best[primary][0]:.4g})")
         failed = sorted({r["variant"] for r in rows if r["data"] == data and r["failed"]})
         if failed:
             parts.append("failed: " + ", ".join(failed))
@@ -76,21 +97,27 @@ def _fmt(pair: tuple[float, float], digits: int = 3, scale: float = 1.0, sign: b
     return text + (f" ± {h * scale:.{digits}f}" if math.isfinite(h) else "")
 
 
+def _shown(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's metric columns: accuracy first (as the report always showed it)."""
+    return sorted(_metrics(rows), key=lambda m: not m.endswith("_acc"))
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and string cells of the results table (shared by HTML and terminal)."""
-    header = ["data", "variant", "seeds", "test acc %", "Δ acc pts", "test NLL", "Δ NLL",
-              "test ECE", "Δ ECE", "time", "stopped at epoch", "status"]  # fmt: skip
+    header = ["data", "variant", "seeds"]
+    for m in _shown(rows):
+        header += ["test acc %" if m.endswith("_acc") else f"test {_label(m)}", f"Δ {_label(m)}"]
+    header += ["time", "stopped at epoch", "status"]
     out = []
     for r in rows:
         stops = ", ".join(str(s + 1) for s in r["stops"] if s is not None) or "–"
         status = "ok" if not r["failed"] else f"{len(r['failed'])} failed: {r['failed'][0]}"
-        out.append([
-            r["data"], r["variant"], str(r["n"]), _fmt(r["test_acc"], 1, 100),
-            _fmt(r["d_test_acc"], 1, 100, True), _fmt(r["test_nll"]),
-            _fmt(r["d_test_nll"], sign=True),
-            _fmt(r["test_ece"]), _fmt(r["d_test_ece"], sign=True),
-            f"{r['cost']:.2f}x" if math.isfinite(r["cost"]) else "–", stops, status,
-        ])  # fmt: skip
+        cells = [r["data"], r["variant"], str(r["n"])]
+        for m in _shown(rows):
+            digits = 1 if m.endswith("_acc") else 3
+            cells += [_fmt(r[m], digits, _scale(m)), _fmt(r[f"d_{m}"], digits, _scale(m), True)]
+        cost = f"{r['cost']:.2f}x" if math.isfinite(r["cost"]) else "–"
+        out.append([*cells, cost, stops, status])
     return header, out
 
 
@@ -143,7 +170,7 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
     study_id = store.study_id(study)
     runs = store.runs(study_id)
     rows = summarize(runs)
-    figures = figures.draw_all(runs, rows, out_dir)
+    drawn = figures.draw_all(runs, rows, out_dir)
     header, cells = table_rows(rows)
     body = ["<table id='results'><thead><tr>"]
     body += [f"<th>{html.escape(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
@@ -151,7 +178,7 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
         cls = "base" if row["variant"] == "base" else "failed" if not row["n"] else ""
         body.append(f"<tr class='variant {cls}'>")
         for h, cell in zip(header, text, strict=False):
-            metric = {"Δ acc pts": "test_acc", "Δ NLL": "test_nll", "Δ ECE": "test_ece"}.get(h)
+            metric = {f"Δ {_label(m)}": m for m in _metrics(rows)}.get(h)
             kind = _effect(row, metric) if metric else "none"
             css = {"improved": " class='good'", "worsened": " class='bad'"}.get(kind, "")
             body.append(f"<td{css}>{html.escape(cell)}</td>")
@@ -167,14 +194,14 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
         f"{len({r['variant'] for r in runs})} variants · store: {html.escape(store.url)}</p>",
         f"<h2>Verdict</h2><p class='verdict'>{html.escape(verdict(rows))}</p>",
         "<h2>Summary</h2>",
-        *(_img(path, title) for title, path in figures[:1]),
+        *(_img(path, title) for title, path in drawn[:1]),
         "<h2>Results</h2>",
         "<p>Mean ± 95% confidence interval over seeds. Δ is the paired difference from the "
         "base run with the same data size and seed (green: better, red: worse, interval "
         "excludes zero). Time is training time relative to the base. Rows marked "
         "[EMA weights] / [SWA weights] score the averaged model of the same runs.</p>",
         *body,
-        *(f"<h2>{html.escape(title)}</h2>{_img(path, title)}" for title, path in figures[1:]),
+        *(f"<h2>{html.escape(title)}</h2>{_img(path, title)}" for title, path in drawn[1:]),
         "</body></html>",
     ]
     path = out_dir / "report.html"

@@ -1,18 +1,28 @@
 """Statistics of an ablation study over seeds: means, t-intervals and paired differences.
 
 For each variant and data size: the mean and 95% confidence interval (Student t)
-over seeds of test accuracy, NLL and ECE; the paired difference from the base run
-of the same data size and seed, with its 95% interval; wall time relative to the
-base. Averaged weights (EMA, SWA) get their own rows.
+over seeds of the task's test metrics (NLL, accuracy and ECE; or MSE, MAE and R^2);
+the paired difference from the base run of the same data size and seed, with its 95%
+interval; wall time relative to the base. Averaged weights (EMA, SWA) get their own rows.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
-METRICS = ("test_acc", "test_nll", "test_ece")
-HIGHER_BETTER = {"test_acc": True, "test_nll": False, "test_ece": False}
+from trainwell.app.tasks import STUDY_METRICS
+
+
+def study_metrics(runs: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The test metrics a study reports, primary first, from its task (``[task] kind``).
+
+    Classification: NLL, accuracy, ECE; regression: MSE, MAE, R^2.
+    """
+    kinds = {json.loads(r.get("config") or "{}").get("task", {}).get("kind") for r in runs}
+    kinds.discard(None)
+    return STUDY_METRICS[kinds.pop() if len(kinds) == 1 else "classification"]
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -36,35 +46,42 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
 
 
-def _rows_of(run: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+def _rows_of(run: dict[str, Any], metrics: tuple[str, ...]) -> list[tuple[str, dict[str, float]]]:
     """(variant label, metrics) of a run: its model, plus EMA/SWA weights when it had them."""
-    rows = [(run["variant"], {m: run["final"].get(m, float("nan")) for m in METRICS})]
+    rows = [(run["variant"], {m: run["final"].get(m, float("nan")) for m in metrics})]
     for prefix, label in (("ema_", "EMA weights"), ("swa_", "SWA weights")):
-        if f"{prefix}test_nll" in run["final"]:
-            metrics = {m: run["final"].get(prefix + m, float("nan")) for m in METRICS}
-            rows.append((f"{run['variant']} [{label}]", metrics))
+        if f"{prefix}{metrics[0]}" in run["final"]:
+            values = {m: run["final"].get(prefix + m, float("nan")) for m in metrics}
+            rows.append((f"{run['variant']} [{label}]", values))
     return rows
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary row per (data size, variant) from the stored runs; see the module doc."""
+def summarize(
+    runs: list[dict[str, Any]], metrics: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """One summary row per (data size, variant) from the stored runs; see the module doc.
+
+    ``metrics`` (default :func:`study_metrics`) are summarized; each row names them under
+    ``"metrics"``, the primary one first.
+    """
+    metrics = metrics or study_metrics(runs)
     order: list[tuple[str, str]] = []
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
         done = run["status"] == "done"
-        entries = _rows_of(run) if done else [(run["variant"], None)]
-        for label, metrics in entries:
+        entries = _rows_of(run, metrics) if done else [(run["variant"], None)]
+        for label, values in entries:
             key = (run["data"], label)
             if key not in cells:
                 order.append(key)
                 cells[key] = {"data": run["data"], "variant": label, "by_seed": {}, "failed": [],
                               "seconds": {}, "stops": [], "epochs": []}  # fmt: skip
             cell = cells[key]
-            if metrics is None:
+            if values is None:
                 if run["status"] == "failed":
                     cell["failed"].append(run["error"] or "failed")
                 continue
-            cell["by_seed"][run["seed"]] = metrics
+            cell["by_seed"][run["seed"]] = values
             cell["seconds"][run["seed"]] = run["train_seconds"] or 0.0
             if "[" not in label:
                 cell["epochs"].append(run["epochs_run"])
@@ -75,8 +92,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cell = cells[key]
         base = cells.get((cell["data"], "base"))
         row = {k: cell[k] for k in ("data", "variant", "failed", "stops", "epochs")}
-        row["n"] = len(cell["by_seed"])
-        for m in METRICS:
+        row["n"], row["metrics"] = len(cell["by_seed"]), metrics
+        for m in metrics:
             row[m] = mean_ci([v[m] for v in cell["by_seed"].values()])
             row[f"d_{m}"] = (float("nan"), float("nan"))
             if base is not None and cell is not base:

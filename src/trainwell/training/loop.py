@@ -2,14 +2,18 @@
 
 It reads top to bottom like a hand-written loop. Per optimizer step, in order:
 
-1. forward and backward (through the ``Accumulator`` when accumulating),
+1. the step hook ``step(model, batch, loss_fn) -> StepOutput`` (forward and loss; the
+   default unpacks ``(*inputs, targets)``), then backward (through the ``Accumulator``
+   when accumulating, weighted by the step's ``n_items``),
 2. unscale (AMP ``GradScaler``; before anything reads or adds to ``.grad``),
 3. the regularizer's gradient (``Regularizer.apply_``), gradient monitoring, gradient
    transforms (clipping, non-finite guard),
 4. ``optimizer.step()`` unless a transform said skip, the max-norm constraint,
-   EMA update, per-step dropout schedule.
+   EMA update, per-step dropout schedule, a ``scheduler_interval="step"`` scheduler.
 
-Per epoch: validation (live, EMA and SWA models), early stopping, checkpoint.
+Per epoch: an ``"epoch"`` scheduler, validation (live, EMA and SWA models, with the
+same step and ``metrics``), a plateau scheduler on the monitored metric, early stopping,
+checkpoint.
 Every technique is an argument; leave it ``None`` and the line does nothing.
 ``callbacks`` only observe (logging, progress, reports).
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainwell import distributed as dist_utils
-from trainwell.training.evaluation import evaluate
+from trainwell.training.evaluation import Metric, check_metrics, evaluate
 from trainwell.training.progress import Progress
 from trainwell.training.result import FitResult
 from trainwell.training.snapshot import Snapshot
+from trainwell.training.steps import Step, as_step_output, supervised_step, to_device
 
-
-def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch[0], batch[1]
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+SCHEDULER_INTERVALS = ("epoch", "step")
 
 
 def _call(callbacks: Sequence[Any], event: str, *args: Any) -> None:
@@ -71,18 +73,24 @@ def fit(
     swa: Any = None,
     callbacks: Sequence[Any] = (),
     progress: bool = False,
+    step: Step = supervised_step,
+    metrics: Mapping[str, Metric] | None = None,
+    scheduler_interval: str = "epoch",
+    scheduler_monitor: str = "val_loss",
 ) -> FitResult:
     """Train ``model`` for ``epochs`` and return its history.
 
     Args:
         model: the model (may be wrapped in ``DistributedDataParallel``).
-        train_loader: yields ``(x, y)`` batches; a ``sampler.set_epoch`` is called per epoch.
+        train_loader: yields batches (``(x, y)``, ``(x1, x2, y)``, or anything ``step``
+            understands); a ``sampler.set_epoch`` is called per epoch.
         val_loader: validation batches, or None for no validation.
         optimizer: any torch optimizer.
-        loss_fn: ``loss_fn(outputs, targets)``, a mean over the batch.
+        loss_fn: ``loss_fn(outputs, targets)``, a mean over the batch (``step`` calls it).
         epochs: number of epochs (a resumed run continues up to it).
         device: where batches go (default: where the model's parameters are).
-        scheduler: an LR scheduler stepped once per epoch.
+        scheduler: an LR scheduler, stepped per ``scheduler_interval``; a
+            ``ReduceLROnPlateau`` is stepped with ``row[scheduler_monitor]`` after validation.
         regularizer: a ``Regularizer``; its gradient is added after backward.
         max_norm: max-norm constraint applied to weights after each step.
         dropout_schedule: a ``DropoutSchedule`` (stepped per step or per epoch by its ``unit``).
@@ -99,9 +107,60 @@ def fit(
         swa: an ``SWA`` updated at the end of each epoch and recalibrated at the end.
         callbacks: objects with optional ``on_epoch_end(row)`` / ``on_fit_end(result)``.
         progress: show a rich progress bar (only on a terminal, rank 0).
+        step: ``step(model, batch, loss_fn) -> StepOutput(loss, outputs, targets, n_items)``
+            (or a tuple of four), called on every batch after ``to_device``, in training,
+            validation and SWA's BatchNorm pass. ``loss`` is the mean over ``n_items``
+            items; ``n_items`` weights accumulation and the mean train/val losses (an int,
+            or a 0-d tensor kept on the device). Default: :func:`supervised_step`.
+        metrics: ``{name: fn(outputs, targets) -> float}`` for every validation pass (live,
+            EMA, SWA), e.g. ``{"mse": mse, "mae": mae, "r2": r2}``; None keeps the default
+            (accuracy for 2-D scores with integer targets).
+        scheduler_interval: ``"epoch"`` (step the scheduler once per epoch) or ``"step"``
+            (after every optimizer step, including one a transform skipped, never at epoch
+            end; OneCycleLR needs this, with ``total_steps = epochs * optimizer steps per
+            epoch``).
+        scheduler_monitor: the history-row key a ``ReduceLROnPlateau`` watches
+            (``"epoch"`` interval only).
+
+    Raises:
+        ValueError: bad ``epochs`` or ``scheduler_interval``; a plateau scheduler with
+            ``"step"`` interval or whose ``scheduler_monitor`` is not in the row; a
+            OneCycleLR whose ``total_steps`` cannot be met by the interval.
+        TypeError: a ``step`` that is not callable, bad ``metrics``; from the default step,
+            a batch that is not ``(*inputs, targets)``.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = DataLoader(TensorDataset(torch.randn(32, 3), torch.randn(32, 1)), batch_size=8)
+        >>> net = nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=2 * 4)
+        >>> result = fit(net, data, data, opt, F.mse_loss, epochs=2, scheduler=sched,
+        ...              scheduler_interval="step")
+        >>> result.steps, sched.last_epoch  # stepped once per optimizer step
+        (8, 8)
     """
     if epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs}")
+    if scheduler_interval not in SCHEDULER_INTERVALS:
+        raise ValueError(
+            f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
+        )
+    if not callable(step):
+        raise TypeError(
+            f"step must be a callable step(model, batch, loss_fn) -> StepOutput, got {step!r}"
+        )
+    metrics = check_metrics(metrics)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if plateau and scheduler_interval == "step":
+        raise ValueError(
+            "scheduler_interval='step' cannot drive a ReduceLROnPlateau: it is stepped with "
+            f"the monitored metric ({scheduler_monitor!r}) after each validation; use "
+            "scheduler_interval='epoch'"
+        )
+    if plateau and val_loader is None and scheduler_monitor != "train_loss":
+        _missing_monitor(scheduler_monitor, ["epoch", "train_loss"])
+    per_step_scheduler = scheduler is not None and scheduler_interval == "step"
     device = torch.device(device) if device is not None else next(model.parameters()).device
     params = [(n, p) for n, p in dist_utils.unwrap(model).named_parameters() if p.requires_grad]
     snapshot = Snapshot(
@@ -120,6 +179,8 @@ def fit(
         path = dist_utils.broadcast_object(path)
         if path is not None:
             start_epoch, result, best_state, best_loss = snapshot.restore(path)
+    _check_one_cycle(scheduler, scheduler_interval, epochs - start_epoch, train_loader,
+                     accumulator, swa)  # fmt: skip
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -155,7 +216,20 @@ def fit(
                 ema.update(model)
         if dropout_schedule is not None and dropout_schedule.unit == "step":
             dropout_schedule.step()
+        if per_step_scheduler and not getattr(swa, "n_averaged", 0):
+            scheduler.step()  # SWA's own schedule takes over once it averages
         result.steps += 1
+
+    epoch_scheduler = scheduler is not None and scheduler_interval == "epoch"
+
+    def validate(net: nn.Module, prefix: str) -> dict[str, float]:
+        return evaluate(net, val_loader, loss_fn, device, prefix, step=step, metrics=metrics)
+
+    def bn_forward(net: nn.Module, batch: Any) -> None:
+        """SWA's BatchNorm pass runs each batch through the same step."""
+        with torch.no_grad():
+            where = next(iter([*net.parameters(), *net.buffers()]), torch.empty(0)).device
+            step(net, to_device(batch, where), loss_fn)
 
     started = time.perf_counter()
     try:
@@ -170,7 +244,7 @@ def fit(
                 batches = len(train_loader) if hasattr(train_loader, "__len__") else None
                 bar.start_epoch(epoch, batches)
                 for i, batch in enumerate(train_loader):
-                    x, y = _to_device(batch, device)
+                    batch = to_device(batch, device)
                     # DDP decides at forward time whether backward all-reduces: the forward of
                     # every micro-step that does not end a window runs under no_sync()
                     sync = (
@@ -179,31 +253,37 @@ def fit(
                         else contextlib.nullcontext()
                     )
                     with sync, autocast:
-                        loss = loss_fn(model(x), y)
-                    loss_sum += loss.detach() * len(y)
-                    items += len(y)
+                        out = as_step_output(step(model, batch, loss_fn))
+                    loss, n_items = out.loss, out.n_items
+                    loss_sum += loss.detach() * n_items
+                    items += n_items  # an int, or a tensor on the device (no sync)
                     # 1. backward; an accumulated window is the exact weighted mean of its items
                     if accumulator is None:
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                         optimizer_step()
-                    elif accumulator.backward(loss, weight=len(y), last=i + 1 == batches):
+                    elif accumulator.backward(loss, weight=n_items, last=i + 1 == batches):
                         optimizer_step()
                     bar.advance(loss_sum, items)
                 if accumulator is not None and accumulator.flush():
                     optimizer_step()  # a loader without len(): the last window ends here
                 # per epoch: schedules, SWA, validation, early stopping, checkpoint
-                if (swa is None or not swa.update(model, epoch)) and scheduler is not None:
+                swa_took_over = swa is not None and swa.update(model, epoch)
+                if epoch_scheduler and not plateau and not swa_took_over:
                     scheduler.step()
                 if dropout_schedule is not None and dropout_schedule.unit == "epoch":
                     dropout_schedule.step()
-                row = {"train_loss": float(loss_sum) / max(items, 1)}
+                row = {"train_loss": float(loss_sum) / max(float(items), 1)}
                 if val_loader is not None:
-                    row.update(evaluate(model, val_loader, loss_fn, device, "val_"))
+                    row.update(validate(model, "val_"))
                     if ema is not None:
-                        row.update(evaluate(ema.module, val_loader, loss_fn, device, "ema_val_"))
+                        row.update(validate(ema.module, "ema_val_"))
                     if swa is not None and getattr(swa, "n_averaged", 0):
-                        row.update(evaluate(swa.module, val_loader, loss_fn, device, "swa_val_"))
+                        row.update(validate(swa.module, "swa_val_"))
                 row = {"epoch": epoch, **dist_utils.all_reduce_mean(row)}
+                if plateau and not swa_took_over:
+                    if scheduler_monitor not in row:
+                        _missing_monitor(scheduler_monitor, list(row))
+                    scheduler.step(row[scheduler_monitor])
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 row["seconds"] = time.perf_counter() - t0
                 result.history.append(row)
@@ -232,12 +312,50 @@ def fit(
         if restore_best and best_state is not None:
             dist_utils.unwrap(model).load_state_dict(best_state)
     if swa is not None and getattr(swa, "n_averaged", 0):
-        swa.finalize(train_loader)
+        swa.finalize(train_loader, bn_forward)
     if monitor is not None:
         result.grad_history = list(monitor.history)
     result.seconds = time.perf_counter() - started
     _call(callbacks, "on_fit_end", result)
     return result
+
+
+def _missing_monitor(monitor: str, available: Sequence[str]) -> None:
+    raise ValueError(
+        f"scheduler_monitor={monitor!r} is not a metric of the history row (available: "
+        f"{', '.join(available)}); the ReduceLROnPlateau scheduler needs it: pass "
+        "scheduler_monitor one of those (or a val_loader for the val_* metrics)"
+    )
+
+
+def _check_one_cycle(
+    scheduler: Any, interval: str, epochs: int, loader: Any, accumulator: Any, swa: Any
+) -> None:
+    """Fail fast where a OneCycleLR cannot follow its cycle (Smith & Topin 2018).
+
+    It is designed to step once per optimizer step: ``"epoch"`` interval with more
+    ``total_steps`` than epochs never finishes the cycle (silently wrong); ``"step"``
+    interval with fewer ``total_steps`` than the run's optimizer steps would raise
+    mid-run in torch. Without SWA (which stops the base schedule) and with a sized loader.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) or swa is not None:
+        return
+    total, done = scheduler.total_steps, scheduler.last_epoch
+    if interval == "epoch" and total > done + epochs:
+        raise ValueError(
+            f"OneCycleLR has total_steps={total} but scheduler_interval='epoch' steps it only "
+            f"{done + epochs} times; it is designed to step per optimizer step: pass "
+            "scheduler_interval='step' with total_steps = epochs * optimizer steps per epoch"
+        )
+    if interval == "step" and hasattr(loader, "__len__"):
+        window = getattr(accumulator, "steps", 1) if accumulator is not None else 1
+        planned = epochs * -(-len(loader) // window)
+        if done + planned > total:
+            raise ValueError(
+                f"OneCycleLR has total_steps={total} but this run makes {done + planned} "
+                f"optimizer steps ({epochs} epochs of {-(-len(loader) // window)}); pass "
+                "total_steps = epochs * optimizer steps per epoch"
+            )
 
 
 def _max_norm_(model: nn.Module, max_norm: float) -> None:
