@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,18 @@ def test_cli_wrong_user_code_is_one_line_exit_2(tmp_path, override, needle):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("four_splits", "returned 4 items; expected a Dataset"),
+        ("an_iterable", "not a map-style Dataset"),
+        ("bad_keys", "dict with keys ['training']"),
+    ],
+)
+def test_a_datasets_function_returning_the_wrong_thing_is_named(target, message):
+    cfg = load_config(None, [f"data.target='tests.app.user_code:{target}'"])
+    with pytest.raises(EntryPointError, match=re.escape(message)) as err:
+        load_data(cfg)
+    assert str(err.value).startswith("data.target = 'tests.app.user_code:")

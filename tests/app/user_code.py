@@ -101,3 +101,21 @@ def not_a_model(n_features: int, n_classes: int) -> str:
 
 
 NOT_CALLABLE = 3
+
+
+def four_splits():
+    return (blobs(), blobs(), blobs(), blobs())
+
+
+def an_iterable():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(3), torch.tensor(0)
+
+    return Stream()
+
+
+def bad_keys():
+    return {"training": blobs()}

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from tests.training.helpers import DictDataset
 from trainwell import EMA, SWA, StepOutput, fit, mae, mse, r2
 from trainwell.training.evaluation import evaluate, predict
 
@@ -17,17 +18,6 @@ def regression(n=70, seed=0):
     x = torch.randn(n, 5, generator=g)
     y = x @ torch.randn(5, 1, generator=g) + 0.3 * torch.randn(n, 1, generator=g)
     return x, y
-
-
-class DictDataset(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.y[i]}
 
 
 def dict_step(model, batch, loss_fn):

@@ -7,28 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from tests.training.helpers import EpochSampler
 from trainwell import SWA, Accumulator, CheckpointManager, chain, fit, skip_nonfinite
 
 EPOCHS = 3
-
-
-class EpochSampler(Sampler):
-    """A seeded permutation per epoch (``set_epoch``), independent of the global RNG."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 def loaders(n=90, batch_size=16):

@@ -8,27 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from tests.training.helpers import DictDataset, EpochSampler
 from trainwell import Accumulator, StepOutput, fit, supervised_step
 from trainwell.training.steps import as_step_output, to_device
-
-
-class EpochSampler(Sampler):
-    """A seeded permutation per epoch (``set_epoch``), independent of the global RNG."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 def data(n=100, features=6, classes=3, seed=0):
@@ -46,17 +30,6 @@ def make(seed=0, features=6, classes=3):
 
 def strip_time(history):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
-
-
-class DictDataset(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.y[i]}
 
 
 def dict_step(model, batch, loss_fn):
