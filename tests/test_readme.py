@@ -33,4 +33,4 @@ def test_readme_own_model_example_runs(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "runs" / "make_datasets-ConvNet-seed0" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "study-seed0" / "summary.json").is_file()

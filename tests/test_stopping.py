@@ -9,6 +9,9 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import trainwell
 from trainwell import EarlyStopping, load, save
@@ -97,7 +100,11 @@ def test_matches_reference_rule(seed: int) -> None:
     values = [round(rnd.gauss(-0.5 if seed % 2 else 2.0, 1.0), 1) for _ in range(40)]  # ties
     patience, min_delta = rnd.randint(1, 5), rnd.choice([0.0, 0.05, 0.2])
     stopper = EarlyStopping(
-        mode=mode, patience=patience, min_delta=min_delta, delta_mode="rel" if rel else "abs"
+        monitor="score",  # a name of no known direction: the mode is the one given
+        mode=mode,
+        patience=patience,
+        min_delta=min_delta,
+        delta_mode="rel" if rel else "abs",
     )
     stop, best, best_i = reference_stop(values, patience, min_delta, rel, mode)
     assert run(stopper, values) == stop
@@ -175,7 +182,7 @@ def test_state_dict_is_plain_json() -> None:
     state = stopper.state_dict()
     assert json.loads(json.dumps(state)) == state
     with pytest.raises(ValueError, match="state monitors"):
-        EarlyStopping(monitor="a").load_state_dict(state)
+        EarlyStopping(monitor="a", mode="min").load_state_dict(state)
 
 
 # ----------------------------------------------------------------------- multi-metric
@@ -281,7 +288,7 @@ def test_step_defaults_to_call_count() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+    with pytest.raises(ValueError, match="mode must be 'min', 'max' or None"):
         EarlyStopping(mode="auto")
     with pytest.raises(ValueError, match="patience must be an integer >= 1"):
         EarlyStopping(patience=0)
@@ -313,3 +320,104 @@ def test_bad_arguments() -> None:
 
 def test_public_name() -> None:
     assert trainwell.EarlyStopping is EarlyStopping
+
+
+# ------------------------------------------------------------ direction from the name
+ISSUE_VAL_ACC = [0.352, 0.693, 0.789]  # issue 14: an improving run that mode="min" stopped
+
+
+def test_val_acc_keeps_improving_with_the_default_mode() -> None:
+    # the hole: judged with "min" (the old default), rising accuracy never improves
+    blind = EarlyStopping(monitor="score", mode="min", patience=2)
+    assert run(blind, ISSUE_VAL_ACC) == 2 and blind.best == 0.352 and blind.best_step == 0
+    stopper = EarlyStopping(monitor="val_acc", patience=2)  # mode from the name
+    assert stopper.modes == {"val_acc": "max"}
+    assert run(stopper, [{"val_acc": v, "val_loss": 1.0} for v in ISSUE_VAL_ACC]) is None
+    assert stopper.best == 0.789 and stopper.best_step == 2 and stopper.wait == 0
+
+
+def test_fit_restore_best_keeps_the_last_weights_of_an_improving_val_acc() -> None:
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=8)
+    model = nn.Linear(4, 2)
+    scripted = iter(ISSUE_VAL_ACC)
+    weights: list[dict] = []
+
+    class Keep:
+        def on_epoch_end(self, row: dict) -> None:
+            weights.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    result = trainwell.fit(
+        model, data, data, torch.optim.SGD(model.parameters(), lr=0.5), epochs=3,
+        metrics={"acc": lambda outputs, targets: next(scripted)},
+        early_stopping=EarlyStopping(monitor="val_acc", patience=1), restore_best=True,
+        callbacks=[Keep()],
+    )  # fmt: skip
+    assert [row["val_acc"] for row in result.history] == ISSUE_VAL_ACC
+    assert result.stop_reason == "max_epochs" and result.best_epoch == 2  # never stopped
+    assert not torch.equal(weights[0]["weight"], weights[2]["weight"])  # training moved them
+    for name, value in model.state_dict().items():  # the best weights are the last ones
+        assert torch.equal(value, weights[2][name]), name
+
+
+KNOWN = {"loss": "min", "nll": "min", "ece": "min", "brier": "min", "mse": "min",
+         "mae": "min", "acc": "max", "r2": "max"}  # fmt: skip
+PREFIXES = ["", "val_", "test_", "train_", "ema_", "swa_", "ema_val_", "swa_val_", "ema_test_"]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_every_known_metric_and_prefix_has_its_direction(prefix: str) -> None:
+    from trainwell.stopping import METRIC_DIRECTIONS, metric_base_name, metric_mode
+
+    assert METRIC_DIRECTIONS == KNOWN
+    for base, mode in KNOWN.items():
+        name = prefix + base
+        assert metric_base_name(name) == base and metric_mode(name) == mode, name
+        assert EarlyStopping(monitor=name).modes == {name: mode}
+        assert EarlyStopping(monitor=name, mode=mode).modes == {name: mode}  # agreeing: fine
+    assert metric_mode(prefix + "f1") is None and metric_mode(prefix + "accuracy") is None
+
+
+def test_unknown_metric_needs_a_mode() -> None:
+    with pytest.raises(ValueError, match=r"monitor 'my_metric' is not a metric.*mode='min'"):
+        EarlyStopping(monitor="my_metric")
+    with pytest.raises(ValueError, match="monitor 'val_f1' is not a metric"):
+        EarlyStopping(monitor=["val_loss", "val_f1"])  # per metric
+    with pytest.raises(ValueError, match="monitor 'f1' is not a metric"):
+        EarlyStopping(monitor={"val_loss": "min", "f1": None})
+    assert EarlyStopping(monitor="my_metric", mode="max").modes == {"my_metric": "max"}
+    assert EarlyStopping(monitor=["val_loss", "val_acc"]).modes == {
+        "val_loss": "min", "val_acc": "max"
+    }  # fmt: skip
+    assert EarlyStopping(monitor={"val_acc": None, "f1": "max"}).modes == {
+        "val_acc": "max", "f1": "max"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"),
+    [
+        ({"monitor": "val_acc"}, "min"),
+        ({"monitor": "ema_val_loss"}, "max"),
+        ({"monitor": ["val_loss", "val_r2"]}, "min"),  # r2 is better high
+        ({"monitor": {"val_loss": "min", "val_acc": "min"}}, None),
+    ],
+)
+def test_a_mode_that_contradicts_the_name_raises(monitor: dict, mode: str | None) -> None:
+    kwargs = {**monitor, **({"mode": mode} if mode else {})}
+    with pytest.raises(ValueError, match="contradicts monitor"):
+        EarlyStopping(**kwargs)
+
+
+def test_state_dict_with_explicit_mode_loads_into_an_inferring_stopper() -> None:
+    old = EarlyStopping(monitor="val_acc", mode="max", patience=3)
+    for v in [0.5, 0.6, 0.55]:
+        old({"val_acc": v})
+    state = json.loads(json.dumps(old.state_dict()))
+    assert state["monitor"] == {"val_acc": "max"}  # states always carried the mode
+    new = EarlyStopping(monitor="val_acc", patience=3)
+    new.load_state_dict(state)
+    assert new.state_dict() == old.state_dict()
+    assert [new({"val_acc": v}) for v in [0.58, 0.59]] == [False, True]
+    with pytest.raises(ValueError, match="state monitors"):  # a state judged the other way
+        EarlyStopping(monitor="val_acc").load_state_dict({**state, "monitor": {"val_acc": "min"}})

@@ -45,21 +45,25 @@ def results_table(title: str, rows: dict[str, float]) -> Table:
     return table
 
 
-def _default_out(config: RunConfig) -> Path:
-    data = config.data.target if config.data.target and ":" in config.data.target else None
-    name = data.rpartition(":")[2] if data else Path(config.data.source).stem
-    model = config.model.target.rpartition(":")[2] if config.model.target else config.model.kind
-    return Path("runs") / f"{name}-{model}-seed{config.seed}"
+def _default_out(config_path: Path, config: RunConfig) -> Path:
+    """``runs/<config file name>-seed<seed>``: named after the config, never after the data."""
+    return Path("runs") / f"{config_path.stem}-seed{config.seed}"
 
 
-def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = False) -> None:
+def execute(
+    config: RunConfig, out: Path, quiet: bool, resume: bool | Path = False, overwrite: bool = False
+) -> None:
     """Train one run, write its directory and print its results table."""
+    from trainwell.app.run_dir import claim, write_text
     from trainwell.app.runner import train, write_run_dir
+    from trainwell.distributed import is_main_process
 
-    out = out or _default_out(config)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # written first, so `trainwell resume` can find it after a crash
-        (out / "config.toml").write_text(to_toml(config), encoding="utf-8")
+    if not resume and is_main_process():
+        try:
+            claim(out, config, overwrite)
+        except ValueError as err:
+            fail(str(err))
+        write_text(out / "config.toml", to_toml(config))  # first: `resume` finds it
     if config.ensemble.members > 1:
         execute_ensemble(config, out)
         return
@@ -67,8 +71,6 @@ def execute(config: RunConfig, out: Path | None, quiet: bool, resume: bool = Fal
         result, model = train(config, out_dir=out, progress=not quiet, resume=resume)
     except (ValueError, TypeError) as err:
         fail(str(err))
-    from trainwell.distributed import is_main_process
-
     if not is_main_process():
         return  # under DDP only rank 0 writes files and prints
     write_run_dir(out, config, result, model)
@@ -125,8 +127,21 @@ def run(
             "--nproc", min=1, help="Processes for data-parallel (DDP) training via torchrun."
         ),
     ] = 1,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace another run's files in --out (default: refuse).")
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=0.001,
+            help="Seconds a DDP collective may wait for a rank "
+            "(distributed.timeout_s, default 120).",
+        ),
+    ] = None,
 ) -> None:
     """Train one configured run; write config, metrics.csv, weights, summary and curves."""
+    set_ = [*(set_ or []), *([f"distributed.timeout_s={timeout}"] if timeout else [])]
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as err:
@@ -137,24 +152,51 @@ def run(
         if cfg.batch_size % nproc:
             fail(f"batch_size {cfg.batch_size} (global) must be divisible by --nproc {nproc}")
         args = ["run", str(config), *(f"--set={s}" for s in set_ or [])]
-        args += [f"--out={out or _default_out(cfg)}"] + (["--quiet"] if quiet else [])
-        raise typer.Exit(launch(nproc, args))
-    execute(cfg, out, quiet)
+        args += [f"--out={out or _default_out(config, cfg)}"] + (["--quiet"] if quiet else [])
+        args += ["--overwrite"] if overwrite else []
+        raise typer.Exit(launch(nproc, args))  # ranks read distributed.timeout_s themselves
+    execute(cfg, out or _default_out(config, cfg), quiet, overwrite=overwrite)
 
 
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="Directory of a run with checkpoints.")],
     quiet: QuietOption = False,
+    restart: Annotated[
+        bool, typer.Option(help="With no valid checkpoint, train again from epoch 0.")
+    ] = False,
 ) -> None:
-    """Continue a killed run from its newest valid checkpoint."""
-    try:
-        cfg = load_config(run_dir / "config.toml")
-    except ConfigError as err:
-        fail(str(err))
-    if not cfg.checkpoint.enabled:
-        fail(f"{run_dir}: checkpoint.enabled is false in its config; nothing to resume from")
-    execute(cfg, run_dir, quiet, resume=True)
+    """Continue a killed run from its newest valid checkpoint, with the config it was trained on.
+
+    It says what it does: which checkpoint it resumed from and which corrupt ones it skipped.
+    """
+    from trainwell.app.run_dir import config_of_checkpoint, newest_valid_checkpoint
+
+    path, skipped = newest_valid_checkpoint(run_dir)
+    for line in skipped:
+        typer.echo(f"trainwell: {line}", err=True)
+    cfg = config_of_checkpoint(path) if path is not None else None
+    if cfg is None:  # no checkpoint, or one written before checkpoints carried their config
+        try:
+            cfg = load_config(run_dir / "config.toml")
+        except ConfigError as err:
+            fail(f"{run_dir}: {err}")
+    if path is None and not restart:
+        fail(
+            f"{run_dir}: no valid checkpoint to resume from; pass --restart to train it again "
+            "from epoch 0 (its outputs are replaced)"
+        )
+    if path is None:
+        typer.echo(f"trainwell: restarting {run_dir} from epoch 0", err=True)
+        execute(cfg, run_dir, quiet, overwrite=True)
+        return
+    from trainwell.checkpoints import read_metadata
+
+    epoch = int(read_metadata(path)["step"])
+    typer.echo(
+        f"trainwell: resumed after epoch {epoch + 1} of {cfg.epochs} ({path.name})", err=True
+    )
+    execute(cfg, run_dir, quiet, resume=path)
 
 
 SeedsOption = Annotated[

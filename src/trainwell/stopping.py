@@ -10,6 +10,12 @@ Holes closed: a NaN/Inf is never "best" (``nan_policy``); the relative margin us
 stopper decides exactly like an uninterrupted one; under ``torch.distributed`` the
 monitored metrics are averaged over ranks and the decision is reduced, so all ranks stop at
 the same check and none hangs in a collective that the others left.
+
+Direction: ``mode=None`` (the default) takes each metric's direction from its name for the
+metrics trainwell itself reports (:data:`METRIC_DIRECTIONS`, after any ``val_`` /
+``test_`` / ``train_`` / ``ema_`` / ``swa_`` prefix); any other name must be given a
+``mode``, and a ``mode`` that contradicts a known direction (``val_acc`` with ``"min"``) is
+an error: judged the wrong way, an improving run stops and restores its worst weights.
 """
 
 from __future__ import annotations
@@ -25,6 +31,71 @@ _MODES = ("min", "max")
 _POLICIES = ("any", "all", "lexicographic")
 _NAN_POLICIES = ("stop", "worst", "raise")
 _SMOOTHING = (None, "ema", "median")
+
+#: The direction of every metric trainwell reports, by base name (no prefix).
+METRIC_DIRECTIONS: dict[str, str] = {
+    "loss": "min", "nll": "min", "ece": "min", "brier": "min", "mse": "min", "mae": "min",
+    "acc": "max", "r2": "max",
+}  # fmt: skip
+#: Prefixes a reported metric may carry, in any combination (``"ema_val_acc"``).
+METRIC_PREFIXES = ("val_", "test_", "train_", "ema_", "swa_")
+
+
+def metric_base_name(name: str) -> str:
+    """``name`` without any combination of :data:`METRIC_PREFIXES` in front.
+
+    Example:
+        >>> metric_base_name("ema_val_acc"), metric_base_name("swa_test_r2")
+        ('acc', 'r2')
+    """
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in METRIC_PREFIXES:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                name, stripped = name[len(prefix) :], True
+    return name
+
+
+def metric_mode(name: str) -> str | None:
+    """``"min"`` or ``"max"`` for a metric trainwell reports, None for any other name.
+
+    Example:
+        >>> metric_mode("val_loss"), metric_mode("ema_val_acc"), metric_mode("my_score")
+        ('min', 'max', None)
+    """
+    return METRIC_DIRECTIONS.get(metric_base_name(name))
+
+
+def resolve_mode(name: str, mode: str | None) -> str:
+    """The direction to judge ``name`` by: ``mode``, or the known one when ``mode`` is None.
+
+    Raises:
+        ValueError: ``mode`` is not None, "min" or "max"; ``mode`` is None and the name is
+            not one trainwell knows; ``mode`` contradicts the known direction.
+
+    Example:
+        >>> resolve_mode("val_acc", None), resolve_mode("my_score", "max")
+        ('max', 'max')
+    """
+    if mode is not None and mode not in _MODES:
+        raise ValueError(f"mode of {name!r} must be 'min', 'max' or None, got {mode!r}")
+    known = metric_mode(name)
+    if mode is None:
+        if known is None:
+            raise ValueError(
+                f"monitor {name!r} is not a metric trainwell knows the direction of "
+                f"({', '.join(METRIC_DIRECTIONS)}, with any val_/test_/train_/ema_/swa_ "
+                "prefix); pass mode='min' or mode='max'"
+            )
+        return known
+    if known is not None and mode != known:
+        raise ValueError(
+            f"mode={mode!r} contradicts monitor {name!r}: {metric_base_name(name)} is better "
+            f"{'lower' if known == 'min' else 'higher'}, so its mode is {known!r}; leave mode "
+            "unset (or rename the metric if it is not trainwell's)"
+        )
+    return mode
 
 
 def improves(
@@ -93,8 +164,12 @@ class EarlyStopping:
     ``best_step``, ``wait``, ``reason`` (a sentence once stopped), ``improved``.
 
     Args:
-        monitor: a metric name, a list of names (all with ``mode``), or ``{name: mode}``.
-        mode: ``"min"`` or ``"max"`` (never guessed from the name).
+        monitor: a metric name, a list of names (all with ``mode``), or ``{name: mode}``
+            (a None mode there: from the name).
+        mode: ``"min"``, ``"max"``, or None (default): from the metric's name when it is
+            one trainwell reports (:func:`metric_mode`: loss, nll, ece, brier, mse, mae are
+            better low; acc, r2 high; any ``val_`` / ``ema_val_`` ... prefix). Any other
+            name needs a mode; a mode that contradicts a known name raises ValueError.
         patience: stop after this many checks in a row without improvement (>= 1).
         min_delta: the margin an improvement must exceed (>= 0; a dict per metric).
         delta_mode: ``"abs"`` or ``"rel"`` (margin = ``min_delta * abs(best)``).
@@ -123,12 +198,14 @@ class EarlyStopping:
         [False, False, False, False, True]
         >>> stopper.best, stopper.best_step, stopper.reason
         (0.9, 2, 'val_loss did not improve for 2 checks')
+        >>> EarlyStopping(monitor="val_acc").modes  # the direction comes from the name
+        {'val_acc': 'max'}
     """
 
     def __init__(
         self,
-        monitor: str | Sequence[str] | Mapping[str, str] = "val_loss",
-        mode: str = "min",
+        monitor: str | Sequence[str] | Mapping[str, str | None] = "val_loss",
+        mode: str | None = None,
         patience: int = 7,
         min_delta: float | Mapping[str, float] = 0.0,
         delta_mode: str = "abs",
@@ -143,21 +220,19 @@ class EarlyStopping:
         policy: str = "any",
         sync: bool = True,
     ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if mode is not None and mode not in _MODES:
+            raise ValueError(f"mode must be 'min', 'max' or None (from the name), got {mode!r}")
         if isinstance(monitor, str):
-            modes = {monitor: mode}
+            given: dict[str, Any] = {monitor: mode}
         elif isinstance(monitor, Mapping):
-            modes = dict(monitor)
+            given = dict(monitor)
         elif isinstance(monitor, Sequence):
-            modes = {name: mode for name in monitor}
+            given = {name: mode for name in monitor}
         else:
             raise TypeError(f"monitor must be a name, a list of names or a dict, got {monitor!r}")
-        if not modes or not all(isinstance(n, str) and n for n in modes):
+        if not given or not all(isinstance(n, str) and n for n in given):
             raise ValueError(f"monitor must name at least one metric, got {monitor!r}")
-        for name, m in modes.items():
-            if m not in _MODES:
-                raise ValueError(f"mode of {name!r} must be 'min' or 'max', got {m!r}")
+        modes = {name: resolve_mode(name, m) for name, m in given.items()}
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -356,7 +431,11 @@ class EarlyStopping:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()``; the monitored metrics and their modes must match."""
+        """Restore ``state_dict()``; the monitored metrics and their modes must match.
+
+        The state holds the resolved modes (as it always did), so a state saved with an
+        explicit ``mode`` loads into a stopper that infers the same one from the name.
+        """
         if dict(state["monitor"]) != self.modes:
             raise ValueError(f"state monitors {dict(state['monitor'])}, this stopper {self.modes}")
         self.checks, self.wait = int(state["checks"]), int(state["wait"])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainwell.app.data import load_splits
+from trainwell.app.data import load_arrays, load_splits, split_indices
 
 
 def test_split_is_stratified_seeded_and_scaled_on_train_only():
@@ -81,3 +81,91 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     assert list(loader.sampler) != first
     loader.sampler.set_epoch(2)
     assert list(loader.sampler) == first
+
+
+def _csv(path, header, rows):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("cell_row", "column", "line"),
+    [
+        ((3, 1), "b", 5),  # an integer column: np.genfromtxt read the gap as -1
+        ((0, 0), "a", 2),  # a float column (genfromtxt: NaN, refused without naming it)
+        ((7, 2), "y", 9),  # the label column
+        ((4, 3), "name", 6),  # a text column
+    ],
+)
+def test_csv_empty_cell_is_refused_naming_column_and_first_row(tmp_path, cell_row, column, line):
+    (row, col) = cell_row
+    cells = [[f"{i}.5", str(i), str(i % 2), f"n{i}"] for i in range(20)]
+    cells[row][col] = "  " if col == 3 else ""
+    cells[row + 5][col] = ""  # a later gap: the first one is reported
+    source = _csv(tmp_path / "d.csv", "a,b,y,name", [",".join(r) for r in cells])
+    with pytest.raises(
+        ValueError,
+        match=rf"d\.csv: column '{column}' has an empty cell at line {line} of the file "
+        rf"\(data row {row + 1}; the first one\); fill or drop missing values first",
+    ):
+        load_splits(source, target="y")
+
+
+def test_csv_short_row_and_text_feature_are_refused(tmp_path):
+    rows = [f"{i},{i},{i % 2}" for i in range(20)]
+    short = _csv(tmp_path / "short.csv", "a,b,y", [*rows[:4], "4,1", *rows[5:]])
+    with pytest.raises(ValueError, match="column 'y' has an empty cell at line 6"):
+        load_splits(short, target="y")
+    text = _csv(tmp_path / "text.csv", "a,b,y", [*rows[:2], "2,NA,0", *rows[3:]])
+    with pytest.raises(ValueError, match=r"must be numeric; column 'b' holds 'NA' \(data row 3\)"):
+        load_splits(text, target="y")
+
+
+def test_csv_labels_keep_their_type_and_quoted_cells_read(tmp_path):
+    rows = [f'{i},"{i}.25",{"cat" if i % 2 else "dog"}' for i in range(20)]
+    splits = load_splits(_csv(tmp_path / "d.csv", "a,b,kind", [*rows, ""]), target="kind")
+    assert splits.n_features == 2 and splits.n_classes == 2
+    x, y, _ = load_arrays(
+        _csv(tmp_path / "i.csv", "a,y", [f"{i}.5,{i % 3}" for i in range(9)]), "y"
+    )
+    assert y.dtype.kind == "i" and x[:, 0].tolist() == [i + 0.5 for i in range(9)]
+
+
+@pytest.mark.parametrize("big", [1e308, -1e308, 1e200])
+@pytest.mark.parametrize("signs", [(1, -1), (1, 1)])  # (1, 1) in train: the mean overflows
+@pytest.mark.parametrize("where", ["train", "test"])
+def test_features_that_overflow_when_scaled_are_refused(tmp_path, big, signs, where):
+    # finite in the file, so the NaN/Inf check before scaling let them through
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 3)), np.arange(60) % 2
+    train, _, test = split_indices(60, y, 0.15, 0.2, 0)  # the split load_splits makes
+    rows = train[:2] if where == "train" else test[:2]
+    x[rows, 1] = [signs[0] * big, signs[1] * big]
+    with pytest.raises(
+        ValueError, match=r"features overflow when scaled.* \d+ rows .*columns \[1\]"
+    ):
+        load_splits(str(_npz(tmp_path / "big.npz", x, y)))
+    csv_rows = [",".join(map(repr, [*r, t])) for r, t in zip(x.tolist(), y.tolist(), strict=True)]
+    with pytest.raises(ValueError, match="features overflow when scaled"):
+        load_splits(_csv(tmp_path / "big.csv", "a,b,c,y", csv_rows), target="y")
+
+
+def test_features_beyond_float32_are_refused_unscaled(tmp_path):
+    x = np.random.default_rng(0).normal(size=(60, 3))
+    x[::7, 2] = 1e39  # finite in float64, Inf in the float32 tensors
+    with pytest.raises(ValueError, match=r"overflow when stored as float32: 9 rows"):
+        load_splits(str(_npz(tmp_path / "f.npz", x, np.arange(60) % 2)), scale=False)
+
+
+def _npz(path, x, y):
+    np.savez(path, X=x, y=y)
+    return path
+
+
+def test_train_size_larger_than_the_training_split_is_refused():
+    n = len(load_splits("wine", seed=0).y_train)
+    with pytest.raises(ValueError, match=rf"data.train_size is 10000, .*only {n} samples"):
+        load_splits("wine", train_size=10_000)
+    with pytest.raises(ValueError, match="train_size"):
+        load_splits("wine", train_size=n + 1)
+    assert len(load_splits("wine", seed=0, train_size=n).y_train) == n  # equal: all of it

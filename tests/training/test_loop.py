@@ -203,3 +203,46 @@ def test_transforms_and_regularizer_see_unscaled_gradients_under_grad_scaler(spl
             regularizer=Regularizer(l2=1e-2), transforms=Record())  # fmt: skip
         norms[use_scaler] = seen
     assert norms[True] == pytest.approx(norms[False], rel=1e-4)
+
+
+@pytest.mark.parametrize("restore_best", [False, True])
+def test_resuming_an_early_stopped_run_trains_nothing_more(splits, tmp_path, restore_best):
+    """Issue: a resumed early-stopped run trained one more epoch (8 rows instead of 7)."""
+
+    def run(resume=False):
+        model, opt = make()
+        torch.manual_seed(0)
+        result = fit(
+            model, splits.loader("train", 16, shuffle=True), splits.loader("val", 64), opt,
+            epochs=40, checkpoints=CheckpointManager(tmp_path), resume=resume,
+            early_stopping=EarlyStopping(patience=2, min_delta=0.05), restore_best=restore_best,
+        )  # fmt: skip
+        return model, result
+
+    first, done = run()
+    assert done.stop_reason != "max_epochs" and done.epochs_run < 40
+    again, resumed = run(resume=True)
+    assert strip_time(resumed.history) == strip_time(done.history)
+    assert (resumed.steps, resumed.stop_reason, resumed.finished) == (
+        done.steps, done.stop_reason, True)  # fmt: skip
+    for a, b in zip(first.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_monitor_history_survives_a_resume(splits, tmp_path):
+    """Issue: grad_norms.csv lost every row from before the resume point."""
+    from trainwell import GradMonitor
+
+    def run(epochs, directory, resume=False):
+        model, opt = make()
+        torch.manual_seed(0)
+        monitor = GradMonitor(model, every=3)
+        return fit(model, splits.loader("train", 16, shuffle=True), None, opt, epochs=epochs,
+                   monitor=monitor, checkpoints=CheckpointManager(directory),
+                   resume=resume)  # fmt: skip
+
+    straight = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed = run(4, tmp_path / "b", resume=True)
+    assert len(straight.grad_history) > 10
+    assert resumed.grad_history == straight.grad_history

@@ -185,7 +185,9 @@ class GradientsConfig(Section):
 class EarlyStoppingConfig(Section):
     enabled: bool = False
     monitor: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] | None = Field(
+        None, description="default: from the monitor's name (val_loss min, val_acc max, ...)"
+    )
     patience: int = Field(7, ge=1)
     min_delta: float = Field(0.0, ge=0)
     delta_mode: Literal["abs", "rel"] = "abs"
@@ -197,6 +199,28 @@ class EarlyStoppingConfig(Section):
     window: int = Field(5, ge=1, description="smoothing window")
     nan_policy: Literal["stop", "worst", "raise"] = "stop"
     restore_best: bool = True
+
+    @model_validator(mode="after")
+    def _known_direction(self) -> EarlyStoppingConfig:
+        """Resolve ``mode`` from the monitor's name (also the checkpoints' best-k direction)."""
+        from trainwell.stopping import METRIC_DIRECTIONS, metric_base_name, metric_mode
+
+        known = metric_mode(self.monitor)
+        if self.mode is None and known is None:
+            raise ValueError(
+                f"monitor {self.monitor!r} is not a metric trainwell knows the direction of "
+                f"({', '.join(METRIC_DIRECTIONS)}, with any val_/ema_val_/swa_val_ "
+                'prefix); set early_stopping.mode = "min" or "max"'
+            )
+        if self.mode is not None and known is not None and self.mode != known:
+            raise ValueError(
+                f"mode {self.mode!r} contradicts monitor {self.monitor!r}: "
+                f"{metric_base_name(self.monitor)} is better "
+                f"{'lower' if known == 'min' else 'higher'}; leave mode unset or set {known!r}"
+            )
+        if self.mode is None:
+            self.mode = known  # validated again (idempotent): the resolved mode is stored
+        return self
 
 
 class CheckpointConfig(Section):
@@ -227,6 +251,12 @@ class EnsembleConfig(Section):
     jobs: int = Field(1, ge=1)
 
 
+class DistributedConfig(Section):
+    timeout_s: float = Field(
+        120.0, gt=0, le=86400, description="seconds a DDP collective may wait for a rank"
+    )
+
+
 class RunConfig(Section):
     """One training run."""
 
@@ -251,6 +281,7 @@ class RunConfig(Section):
     ema: EMAConfig = Field(default_factory=EMAConfig)
     swa: SWAConfig = Field(default_factory=SWAConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     ablation: dict[str, Any] = Field(default_factory=dict, description="see `trainwell ablate`")
 
     @field_validator("precision", mode="before")

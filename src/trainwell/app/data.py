@@ -8,6 +8,7 @@ feature scaling fitted on the training split only (no leakage), and an optional
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 from collections.abc import Callable
@@ -214,20 +215,109 @@ def load_arrays(source: str, target: str | None = None) -> tuple[np.ndarray, np.
 
 
 def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float64) and labels of a CSV with a header line; no cell may be empty.
+
+    Read with the ``csv`` module, so quoted fields work and a missing cell is seen as
+    missing in every column (``np.genfromtxt`` fills an integer column's gap with -1).
+    Lines are the file's lines: line 1 is the header, line 2 the first data row.
+    """
     if not target:
         raise ValueError("data.target is required for a CSV file: the name of the label column")
-    table = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8")
-    columns = list(table.dtype.names or ())
-    if target not in columns:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip() for name in next(reader, [])]
+        if not header:
+            raise ValueError(f"data.source {path.name}: the file is empty; need a header line")
+        for i, name in enumerate(header):
+            if not name:
+                raise ValueError(
+                    f"data.source {path.name}: column {i + 1} of the header has no name"
+                )
+            if header.index(name) != i:
+                raise ValueError(f"data.source {path.name}: column {name!r} appears twice")
+        rows: list[list[str]] = []
+        for row in reader:
+            if not row:  # a blank line
+                continue
+            if len(row) > len(header):
+                raise ValueError(
+                    f"data.source {path.name}: line {reader.line_num} has {len(row)} cells, "
+                    f"the header {len(header)}"
+                )
+            cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
+            empty = next((j for j, cell in enumerate(cells) if not cell), None)
+            if empty is not None:
+                raise ValueError(
+                    f"data.source {path.name}: column {header[empty]!r} has an empty cell at "
+                    f"line {reader.line_num} of the file (data row {len(rows) + 1}; the first "
+                    "one); fill or drop missing values first"
+                )
+            rows.append(cells)
+    if target not in header:
         raise ValueError(
-            f"data.target {target!r} is not a column of {path.name}; columns: {columns}"
+            f"data.target {target!r} is not a column of {path.name}; columns: {header}"
         )
-    features = [c for c in columns if c != target]
+    if not rows:
+        raise ValueError(f"data.source {path.name}: the file has a header but no data rows")
+    columns = {name: [row[j] for row in rows] for j, name in enumerate(header)}
+    features = [c for c in header if c != target]
+    if not features:
+        raise ValueError(f"data.source {path.name}: no feature column besides {target!r}")
+    x = np.empty((len(rows), len(features)), dtype=np.float64)
+    for j, name in enumerate(features):
+        try:
+            x[:, j] = [float(cell) for cell in columns[name]]
+        except ValueError:
+            bad = next(i for i, cell in enumerate(columns[name]) if not _is_float(cell))
+            raise ValueError(
+                f"data.source {path.name}: every feature column must be numeric; column "
+                f"{name!r} holds {columns[name][bad]!r} (data row {bad + 1})"
+            ) from None
+    return x, _typed(columns[target])
+
+
+def _is_float(text: str) -> bool:
     try:
-        x = np.column_stack([table[c].astype(np.float64) for c in features])
-    except ValueError as err:
-        raise ValueError(f"data.source {path.name}: every feature column must be numeric") from err
-    return x, np.asarray(table[target])
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _typed(cells: list[str]) -> np.ndarray:
+    """A label column as int64 when every cell is an integer, else float64, else text."""
+    for kind in (int, float):
+        try:
+            return np.asarray([kind(cell) for cell in cells])
+        except (ValueError, OverflowError):
+            continue
+    return np.asarray(cells)
+
+
+def _check_finite_features(arrays: dict[str, np.ndarray], scaled: bool) -> None:
+    """Refuse features that are not finite as the float32 the model gets (after scaling).
+
+    A file can hold only finite values and still overflow: ``StandardScaler`` squares the
+    values (``1e308 ** 2`` is Inf), and anything beyond float32's ``±3.4e38`` becomes Inf.
+    """
+    bad: dict[str, int] = {}
+    columns: set[int] = set()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for split, x in arrays.items():
+            broken = ~np.isfinite(np.asarray(x, dtype=np.float32))
+            if broken.any():
+                bad[split] = int(broken.any(axis=1).sum())
+                columns.update(np.flatnonzero(broken.any(axis=0)).tolist())
+    if bad:
+        counts = ", ".join(f"{n} of {split}" for split, n in bad.items())
+        when = "when scaled (StandardScaler) or stored " if scaled else "when stored "
+        total = sum(bad.values())
+        raise ValueError(
+            f"data: the features overflow {when}as float32: {total} row{'s' * (total != 1)} "
+            f"({counts}) turn NaN or Inf, in feature columns {sorted(columns)} (0-based); "
+            "values near ±1e308 overflow scaling and beyond ±3.4e38 overflow float32; "
+            "rescale those columns (divide, log) first"
+        )
 
 
 def _encode_labels(y: np.ndarray) -> tuple[np.ndarray, int]:
@@ -360,7 +450,9 @@ def load_splits(
     ]  # fmt: skip
     x_train, x_val, x_test = x[train], x[val], x[test]
     if scale:
-        scaler = StandardScaler().fit(x_train)
-        x_train, x_val, x_test = (scaler.transform(a) for a in (x_train, x_val, x_test))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused next
+            scaler = StandardScaler().fit(x_train)
+            x_train, x_val, x_test = (scaler.transform(a) for a in (x_train, x_val, x_test))
+    _check_finite_features({"train": x_train, "val": x_val, "test": x_test}, scale)
     arrays = {"train": (x_train, y[train]), "val": (x_val, y[val]), "test": (x_test, y[test])}
     return array_splits(arrays, name, task, n_classes)

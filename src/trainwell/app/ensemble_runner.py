@@ -223,7 +223,10 @@ def train_members(
         outs = [_train_member(raw, splits, i, None) for i in range(n)]
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, n), mp_context=context) as pool:
+        from trainwell.app.lifetime import worker_init
+
+        pool_args = {"mp_context": context, "initializer": worker_init}  # workers die with us
+        with ProcessPoolExecutor(max_workers=min(jobs, n), **pool_args) as pool:
             futures = [pool.submit(_train_member, raw, splits, i, 1) for i in range(n)]
             outs = [f.result() for f in futures]
     return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import matplotlib
 
@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def learning_curves(history: list[dict[str, float]], path: Path) -> None:
+def learning_curves(history: list[dict[str, float]], path: Path | BinaryIO) -> None:
     """Train/val loss and the main validation metric per epoch, side by side, as a PNG.
 
     The metric is accuracy for classification, R^2 (or MSE) for regression: the first of

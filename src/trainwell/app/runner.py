@@ -191,7 +191,7 @@ def train(
     splits: Splits | None = None,
     out_dir: Path | None = None,
     progress: bool = False,
-    resume: bool = False,
+    resume: bool | Path = False,
     callbacks: tuple = (),
 ) -> tuple[RunResult, nn.Module]:
     """Train one configured run; returns its result and the trained model.
@@ -204,7 +204,8 @@ def train(
     from trainwell import distributed as dist_utils
     from trainwell.app.launch import init_from_env
 
-    device = init_from_env(resolve_device(config.device))
+    configured = config  # as written in config.toml (device "auto" stays "auto")
+    device = init_from_env(resolve_device(config.device), config.distributed.timeout_s)
     if device != config.device:
         config = config.model_copy(update={"device": device})
     nproc, rank = dist_utils.world_size(), dist_utils.rank()
@@ -234,6 +235,10 @@ def train(
     steps_per_epoch = -(-len(train_loader) // config.gradients.accumulate)
     scheduler, interval = build_scheduler(config, optimizer, steps_per_epoch)
     techniques = build_techniques(config, model, optimizer, len(train_loader), out_dir)
+    if techniques.get("checkpoints") is not None:  # each checkpoint knows its run's config
+        from trainwell.app.run_dir import checkpoint_header
+
+        techniques["checkpoints"].header.update(checkpoint_header(configured))
     trained = torch.compile(model) if config.compile else model
     started = time.perf_counter()
     fitted: FitResult = fit(
@@ -286,37 +291,47 @@ def train(
 
 
 def write_run_dir(out_dir: Path, config: RunConfig, result: RunResult, model: nn.Module) -> None:
-    """config.toml, metrics.csv, model.safetensors, summary.json and curves.png.
+    """config.toml, metrics.csv, model.safetensors, summary.json and curves.png, each atomic.
 
     Only the main process (rank 0) writes; other ranks return at once.
     """
-    from safetensors.torch import save_file
+    import io
+
+    from safetensors.torch import save
 
     from trainwell.app.figures import learning_curves
+    from trainwell.app.run_dir import write_bytes, write_text
     from trainwell.distributed import is_main_process
 
     if not is_main_process():
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(to_toml(config), encoding="utf-8")
+    write_text(out_dir / "config.toml", to_toml(config))
     write_csv(out_dir / "metrics.csv", result.history)
     if result.grad_history:
         write_csv(out_dir / "grad_norms.csv", result.grad_history)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / "model.safetensors"))
+    weights = save(state)
+    write_bytes(out_dir / "model.safetensors", lambda f: f.write(weights))
     summary = {"config": config.model_dump(mode="json"), **result.summary()}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    learning_curves(result.history, out_dir / "curves.png")
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    figure = io.BytesIO()
+    learning_curves(result.history, figure)
+    write_bytes(out_dir / "curves.png", lambda f: f.write(figure.getvalue()))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows of dicts as CSV; columns are the union of keys in first-seen order."""
+    """Rows of dicts as CSV (written atomically); columns are the union of keys in order."""
     import csv
+    import io
+
+    from trainwell.app.run_dir import write_text
 
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())

@@ -1,6 +1,7 @@
 """Souping a run: average the checkpoints a run kept into one model (``trainwell soup``).
 
-Ingredients are the model weights of every valid checkpoint in ``RUN_DIR/checkpoints``.
+Ingredients are the model weights of every valid checkpoint in ``RUN_DIR/checkpoints``
+that belongs to the run's config (same config hash; a corrupt one is skipped).
 ``greedy`` follows Wortsman et al. 2022 (add an ingredient only if the validation score
 -- accuracy, or MSE for regression -- of the running average does not get worse);
 ``uniform`` averages them all. Each
@@ -16,10 +17,11 @@ from typing import Any
 from safetensors.torch import save_file
 
 from trainwell.app.config import load_config
+from trainwell.app.run_dir import HASH_KEY, config_hash
 from trainwell.app.runner import load_data, model_for, step_of, task_of, test_metrics
 from trainwell.app.tasks import higher_is_better, validation_metrics
 from trainwell.averaging.soups import greedy_soup, uniform_soup
-from trainwell.checkpoints import CheckpointManager, load
+from trainwell.checkpoints import CheckpointManager, load, read_metadata, verify
 from trainwell.training.evaluation import evaluate
 
 
@@ -29,7 +31,11 @@ def soup_run(run_dir: Path, method: str = "greedy", out: Path | None = None) -> 
         raise ValueError(f"--method must be 'greedy' or 'uniform', got {method!r}")
     config = load_config(run_dir / "config.toml")
     manager = CheckpointManager(run_dir / "checkpoints")
-    paths = [info.path for info in manager.checkpoints()]
+    own = config_hash(config)
+    paths = []
+    for info in manager.checkpoints():  # only this run's checkpoints: never another config's
+        if read_metadata(info.path).get(HASH_KEY, own) == own and verify(info.path):
+            paths.append(info.path)
     if len(paths) < 2:
         raise ValueError(
             f"{run_dir}: soup needs at least 2 checkpoints, found {len(paths)} "

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from trainwell import metrics as M
 from trainwell.app.entry_points import resolve_callable
+from trainwell.stopping import METRIC_DIRECTIONS, METRIC_PREFIXES, metric_base_name, metric_mode
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
@@ -32,10 +33,10 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 DEFAULT_LOSS = {"classification": "cross_entropy", "regression": "mse"}
 
-#: Metric base names (after any ``val_`` / ``test_`` / ``ema_`` ... prefix) that are better high.
-HIGHER_IS_BETTER = {"acc": True, "r2": True, "loss": False, "nll": False, "ece": False,
-                    "brier": False, "mse": False, "mae": False}  # fmt: skip
-PREFIXES = ("ema_", "swa_", "val_", "test_")
+#: Metric base names (after any ``val_`` / ``test_`` / ``ema_`` ... prefix) that are better high:
+#: derived from the one table of directions, :data:`trainwell.stopping.METRIC_DIRECTIONS`.
+HIGHER_IS_BETTER = {name: mode == "max" for name, mode in METRIC_DIRECTIONS.items()}
+PREFIXES = METRIC_PREFIXES
 
 #: The test metrics a study reports per task, the primary one first.
 STUDY_METRICS = {
@@ -53,18 +54,18 @@ def base_name(metric: str) -> str:
         >>> base_name("ema_val_acc"), base_name("test_r2"), base_name("val_loss")
         ('acc', 'r2', 'loss')
     """
-    changed = True
-    while changed:
-        changed = False
-        for prefix in PREFIXES:
-            if metric.startswith(prefix):
-                metric, changed = metric[len(prefix) :], True
-    return metric
+    return metric_base_name(metric)
 
 
 def higher_is_better(metric: str) -> bool | None:
-    """True / False for a metric trainwell knows the direction of, None otherwise."""
-    return HIGHER_IS_BETTER.get(base_name(metric))
+    """True / False for a metric trainwell knows the direction of, None otherwise.
+
+    Example:
+        >>> higher_is_better("swa_val_acc"), higher_is_better("val_nll"), higher_is_better("f1")
+        (True, False, None)
+    """
+    mode = metric_mode(metric)
+    return None if mode is None else mode == "max"
 
 
 def _as_classes(outputs: torch.Tensor) -> torch.Tensor:

@@ -103,12 +103,20 @@ def _averaging(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optim
 def _stopping(config: RunConfig, out_dir: Path | None) -> dict:
     out: dict[str, Any] = {}
     es = config.early_stopping
+    checkpoints = config.checkpoint.enabled and out_dir is not None
+    if not (es.enabled or checkpoints):
+        return out
+    from trainwell.stopping import resolve_mode
+
+    # the config stores the mode it inferred from the name; resolve again for a config that
+    # skipped validation (model_construct), so early stopping and best-k share one direction
+    mode = resolve_mode(es.monitor, es.mode)
     if es.enabled:
         from trainwell.stopping import EarlyStopping
 
         out["early_stopping"] = EarlyStopping(
             monitor=es.monitor,
-            mode=es.mode,
+            mode=mode,
             patience=es.patience,
             min_delta=es.min_delta,
             delta_mode=es.delta_mode,
@@ -121,7 +129,7 @@ def _stopping(config: RunConfig, out_dir: Path | None) -> dict:
             nan_policy=es.nan_policy,
         )
         out["restore_best"] = es.restore_best
-    if config.checkpoint.enabled and out_dir is not None:
+    if checkpoints and out_dir is not None:
         from trainwell.checkpoints import CheckpointManager
 
         out["checkpoints"] = CheckpointManager(
@@ -129,7 +137,7 @@ def _stopping(config: RunConfig, out_dir: Path | None) -> dict:
             keep_last=config.checkpoint.keep_last,
             keep_best=config.checkpoint.keep_best,
             monitor=es.monitor,
-            mode=es.mode,
+            mode=mode,
         )
     return out
 

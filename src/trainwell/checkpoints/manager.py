@@ -47,6 +47,8 @@ class CheckpointManager:
         monitor: the metric that ranks checkpoints for ``keep_best`` / ``best()``.
         mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
         prefix: file names are ``{prefix}-{step:08d}.safetensors``.
+        header: JSON data (str keys) written into every checkpoint's header beside ``step`` and
+            ``metrics``, read back with ``read_metadata`` (a run's config and its hash).
 
     Example:
         >>> import tempfile, torch
@@ -65,6 +67,7 @@ class CheckpointManager:
         monitor: str = "val_loss",
         mode: str = "min",
         prefix: str = "ckpt",
+        header: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
@@ -79,6 +82,8 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.prefix = monitor, mode, prefix
+        #: JSON data written into every checkpoint's header (e.g. the run's config and hash)
+        self.header: dict[str, Any] = dict(header or {})
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+){re.escape(_SUFFIX)}")
         if is_main_process():
             self._remove_stale_temporaries()
@@ -103,7 +108,7 @@ class CheckpointManager:
         for k, v in (metrics or {}).items():
             with contextlib.suppress(TypeError, ValueError):
                 numbers[str(k)] = float(v)  # non-numeric entries are not ranked
-        save(path, state, metadata={"step": step, "metrics": numbers})
+        save(path, state, metadata={**self.header, "step": step, "metrics": numbers})
         self._rotate(keep=path)
         return path
 

@@ -121,7 +121,8 @@ class GradMonitor:
     kept in ``warnings``): a global norm above ``explode_factor`` times the
     median of the last ``window`` recorded norms; a layer whose gradient norm
     stayed below ``vanish_tol`` for ``window`` recorded steps in a row.
-    State (``state_dict``) keeps the recent norms and the warnings, not the history.
+    State (``state_dict``) keeps the recent norms, the warnings and the recorded history,
+    so a resumed run's history (``grad_norms.csv``) holds every row from before the resume.
 
     Example:
         >>> net = torch.nn.Linear(2, 1); opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -227,12 +228,13 @@ class GradMonitor:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
-        """The recent norms, the vanishing counters and the warnings already issued."""
+        """The recent norms, the vanishing counters, the warnings issued and the history."""
         return {
             "recent": list(self._recent),
             "small": list(self._small),
             "warned": sorted(self._warned),
             "warnings": list(self.warnings),
+            "history": [dict(row) for row in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,3 +247,4 @@ class GradMonitor:
         self._small = [int(v) for v in state["small"]]
         self._warned = set(state["warned"])
         self.warnings = [str(w) for w in state["warnings"]]
+        self.history = [dict(row) for row in state.get("history", [])]

@@ -2,15 +2,19 @@
 
 Each (variant, data size, seed) is one run, planned in the results store first; a
 study run again skips the runs that finished and restarts the ones a kill cut off.
+Several processes may run one study on a shared store: each claims free runs one at a
+time, so every run is trained once (see :mod:`trainwell.study.store`).
 A run that raises (invalid value, diverged loss) is stored as failed with its
 message and the study goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -18,7 +22,7 @@ from typing import Any
 
 from trainwell.app.config import validate
 from trainwell.study.plan import PlannedRun, plan_study
-from trainwell.study.store import Store
+from trainwell.study.store import DEFAULT_LEASE_S, Store, new_owner, release_owner
 
 
 def execute_run(raw: dict[str, Any]) -> dict[str, Any]:
@@ -61,9 +65,10 @@ def execute_run(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker_init() -> None:
-    import torch
+    """One torch thread per worker, and the worker dies with the study's process."""
+    from trainwell.app.lifetime import worker_init
 
-    torch.set_num_threads(1)
+    worker_init(threads=1)
 
 
 def _safe_run(raw: dict[str, Any]) -> tuple[bool, Any]:
@@ -86,14 +91,26 @@ def run_study(
     jobs: int = 1,
     progress: bool = False,
     retry_failed: bool = False,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> int:
     """Plan the study in ``store``, run every unfinished run, and return the study id.
 
     ``jobs > 1`` trains in that many spawned worker processes with one torch thread
     each; ``jobs == 1`` trains in this process (with one torch thread too).
+
+    Several processes (on one machine or many) may run the same study on one store:
+    each claims one free run at a time (:meth:`Store.claim`), renews its lease every
+    ``lease_s / 3`` seconds while training, and stores the result only while the claim
+    is still its own, so every run is trained and written once. A run whose claimer
+    died is claimed again once its lease of ``lease_s`` seconds runs out, or at once
+    when the claimer was a process of this machine that has exited (a killed study
+    run again). The call returns when no run of the study is left, so every process
+    sees the whole study finished.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs}")
+    if not lease_s > 0:
+        raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s}")
     planned = plan_study(raw, seeds)
     spec = {"ablation": raw.get("ablation", {}), "seeds": seeds, "runs": len(planned)}
     study_id = store.study(name, spec)
@@ -105,50 +122,126 @@ def run_study(
                 study_id, run.variant, run.data, run.seed, position, run.overrides, config_text
             )
         ] = run
+    retry_before = store.now() if retry_failed else None
     todo = [i for i in store.pending(study_id, retry_failed) if i in by_id]
     tracker = _Tracker(total=len(planned), done=len(planned) - len(todo), enabled=progress)
+    owner = new_owner()
+    lease = _Lease(store, owner, lease_s)
+    poll = min(0.5, lease_s / 4)  # seconds between asks while other processes hold runs
+
+    def claim() -> int | None:
+        run_id = store.claim(
+            study_id, owner, lease_s, run_ids=by_id, retry_failed_before=retry_before
+        )
+        if run_id is not None:
+            lease.hold(run_id)
+            tracker.started()
+        return run_id
+
+    def others_left() -> bool:
+        """Runs still pending or running elsewhere: wait, a dead claimer's run comes free."""
+        return any(i in by_id for i in store.pending(study_id))
 
     def record(run_id: int, ok: bool, payload: Any) -> None:
+        lease.drop(run_id)
         if ok:
-            store.finish(run_id, payload)
+            store.finish(run_id, payload, owner)  # False: the lease ran out, another took it
         else:
-            store.fail(run_id, payload[0], payload[1])
+            store.fail(run_id, payload[0], payload[1], owner)
         tracker.finished(ok)
 
-    with tracker:
-        if jobs == 1:
-            import torch
+    try:
+        with tracker, lease:
+            if jobs == 1:
+                import torch
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                for run_id in todo:
-                    store.start(run_id)
-                    tracker.started()
-                    record(run_id, *_safe_run(by_id[run_id].raw))
-            finally:
-                torch.set_num_threads(threads)
-            return study_id
-        context = get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
-            queue = list(todo)
-            running: dict[Future, int] = {}
-            while queue or running:
-                while queue and len(running) < jobs:
-                    run_id = queue.pop(0)
-                    store.start(run_id)
-                    running[pool.submit(_safe_run, by_id[run_id].raw)] = run_id
-                    tracker.started()
-                finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    run_id = running.pop(future)
-                    try:
-                        ok, payload = future.result()
-                    except Exception as err:  # noqa: BLE001 - a worker died
-                        ok, payload = False, (f"worker process failed: {err}", None)
-                    record(run_id, ok, payload)
-                tracker.tick()
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    while True:
+                        run_id = claim()
+                        if run_id is not None:
+                            record(run_id, *_safe_run(by_id[run_id].raw))
+                        elif others_left():
+                            time.sleep(poll)
+                        else:
+                            break
+                finally:
+                    torch.set_num_threads(threads)
+                return study_id
+            context = get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+                running: dict[Future, int] = {}
+                next_claim = 0.0  # when to ask the store again after it had nothing free
+                while True:
+                    while len(running) < jobs and time.monotonic() >= next_claim:
+                        run_id = claim()
+                        if run_id is None:
+                            next_claim = time.monotonic() + poll
+                            break
+                        running[pool.submit(_safe_run, by_id[run_id].raw)] = run_id
+                    if not running:
+                        if not others_left():
+                            break
+                        time.sleep(max(0.0, next_claim - time.monotonic()))
+                        continue
+                    finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        run_id = running.pop(future)
+                        try:
+                            ok, payload = future.result()
+                        except Exception as err:  # noqa: BLE001 - a worker died
+                            ok, payload = False, (f"worker process failed: {err}", None)
+                        record(run_id, ok, payload)
+                        next_claim = 0.0  # a slot is free: claim at once
+                    tracker.tick()
+    finally:
+        release_owner(owner)
     return study_id
+
+
+class _Lease:
+    """A daemon thread that renews this process's claims every ``lease_s / 3`` seconds."""
+
+    def __init__(self, store: Store, owner: str, lease_s: float) -> None:
+        self.store, self.owner, self.every = store, owner, lease_s / 3
+        self.held: set[int] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, run_id: int) -> None:
+        with self.lock:
+            self.held.add(run_id)
+
+    def drop(self, run_id: int) -> None:
+        with self.lock:
+            self.held.discard(run_id)
+
+    def __enter__(self) -> _Lease:
+        if self.store.shared:  # nobody else can see an in-memory store
+            self.thread = threading.Thread(target=self._beat, name="trainwell-lease", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        for run_id in sorted(self.held):  # left by an error or Ctrl-C: free them for others
+            with contextlib.suppress(Exception):
+                self.store.release(run_id, self.owner)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every):
+            with self.lock:
+                held = sorted(self.held)
+            for run_id in held:
+                try:
+                    if not self.store.heartbeat(run_id, self.owner):
+                        self.drop(run_id)  # taken over; finish() will say so too
+                except Exception:  # noqa: BLE001 - a busy or unreachable store: try again
+                    pass
 
 
 class _Tracker:

@@ -4,20 +4,41 @@ Four tables: ``study`` (one row per study), ``run`` (one per variant x data size
 seed, with its config, status, error, wall time and peak memory), ``epoch_metric``
 (one row per run, epoch and metric) and ``final_metric`` (one per run and metric).
 Any SQLAlchemy URL works (``sqlite:///DIR/results.sqlite`` is the default;
-``postgresql://...`` lets several machines share one study). Only the main process
-of a study writes, so SQLite needs no locking beyond its own.
+``postgresql://...`` lets several processes or machines share one study and needs the
+driver: ``pip install 'trainwell[postgres]'``).
+
+Several processes may run the same study on one store at once. Opening a store,
+creating a study and planning its runs tolerate a concurrent creator (the schema is
+created under a lock, rows are inserted with *on conflict do nothing*). A process
+takes a run with :meth:`Store.claim`, one transaction that marks one pending run
+``running`` with the claimer's ``owner`` and a ``heartbeat`` time (``SELECT ... FOR
+UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), keeps the lease
+with :meth:`Store.heartbeat`, and stores the result with :meth:`Store.finish` or
+:meth:`Store.fail`, which write only while that owner still holds the claim. A run
+whose claimer died (its heartbeat is older than the lease, or its owner is a process
+of this machine that no longer exists) is claimed again, the way Optuna's RDB storage
+retries the trials of a dead worker; only that new claim drops the partial rows of
+the dead attempt, and a finished run's metrics are never deleted by a claim.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     Column,
+    Connection,
     Float,
     ForeignKey,
     Integer,
@@ -28,11 +49,16 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     delete,
+    event,
+    func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 metadata = MetaData()
 
@@ -69,6 +95,10 @@ run_table = Table(
     Column("grad_trace", Text),
     Column("started", String(40)),
     Column("finished", String(40)),
+    # the claim: who trains the run, when it last said so (Unix seconds), how many claims
+    Column("owner", String(200)),
+    Column("heartbeat", Float),
+    Column("attempts", Integer),
     UniqueConstraint("study_id", "variant", "data", "seed"),
 )
 epoch_table = Table(
@@ -79,6 +109,7 @@ epoch_table = Table(
     Column("epoch", Integer, nullable=False),
     Column("name", String(60), nullable=False),
     Column("value", Float),
+    UniqueConstraint("run_id", "epoch", "name"),
 )
 final_table = Table(
     "final_metric",
@@ -87,9 +118,15 @@ final_table = Table(
     Column("run_id", Integer, ForeignKey("run.id"), nullable=False, index=True),
     Column("name", String(60), nullable=False),
     Column("value", Float),
+    UniqueConstraint("run_id", "name"),
 )
 
 FINISHED = ("done", "failed")
+CLAIM_COLUMNS = ("owner", "heartbeat", "attempts")  # added to stores made before claims
+DEFAULT_LEASE_S = 60.0
+POSTGRES_MISSING = "the PostgreSQL driver is not installed: pip install 'trainwell[postgres]'"
+_SCHEMA_LOCK = 7_412_093_118  # pg_advisory_xact_lock key that serializes schema creation
+_LIVE_OWNERS: set[str] = set()  # owners of this process not released yet
 
 
 def _now() -> str:
@@ -115,14 +152,90 @@ def default_url(directory: str | Path) -> str:
     return f"sqlite:///{Path(directory) / 'results.sqlite'}"
 
 
+def _host() -> str:
+    """This machine (and PID namespace, so two containers never look like one host)."""
+    host = socket.gethostname().replace(":", "_")
+    with contextlib.suppress(OSError):
+        namespace = os.readlink("/proc/self/ns/pid")  # 'pid:[4026531836]'
+        host += "~" + namespace.split("[")[-1].rstrip("]")
+    return host
+
+
+def new_owner() -> str:
+    """A claim owner for this process: ``"host:pid:token"``, unique per call.
+
+    It counts as alive while this process lives, or until :func:`release_owner`.
+
+    Example:
+        >>> owner = new_owner()
+        >>> owner.split(":")[1] == str(os.getpid()), owner != new_owner()
+        (True, True)
+    """
+    owner = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    _LIVE_OWNERS.add(owner)
+    return owner
+
+
+def release_owner(owner: str) -> None:
+    """Say that ``owner`` (of this process) is done: its leftover claims are free at once."""
+    _LIVE_OWNERS.discard(owner)
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` is known to be gone: a process of this host that has exited.
+
+    An owner of another machine is never known dead; its lease has to run out.
+    """
+    if not owner:
+        return True
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return owner not in _LIVE_OWNERS  # released: e.g. an earlier run_study that ended
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, someone else's
+        return False
+    with contextlib.suppress(OSError, IndexError):  # a zombie has exited too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] == "Z"
+    return False
+
+
+def _engine_url(url: str) -> str:
+    """``postgresql://`` mapped to the installed driver (psycopg 3, else psycopg2)."""
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgresql", "postgres"):
+        for module, dialect in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+            if importlib.util.find_spec(module) is not None:
+                return f"postgresql+{dialect}://{rest}"
+        raise ValueError(POSTGRES_MISSING)
+    return url
+
+
+def _retryable(err: Exception) -> bool:
+    """A concurrent creator got there first, or SQLite stayed locked past its timeout."""
+    message = str(err).lower()
+    return any(word in message for word in ("already exists", "duplicate", "locked", "deadlock"))
+
+
 class Store:
-    """A study's results in a SQL database.
+    """A study's results in a SQL database, safe for several processes at once.
 
     Example:
         >>> store = Store("sqlite://")  # in memory
         >>> sid = store.study("demo", {"seeds": 1})
         >>> rid = store.plan(sid, "base", "all data", 0, 0, {}, "{}")
-        >>> store.finish(rid, {"test": {"test_acc": 0.9}, "history": [{"epoch": 0, "val_loss": 1}]})
+        >>> owner = new_owner()
+        >>> store.claim(sid, owner) == rid, store.claim(sid, owner)  # one run, claimed once
+        (True, None)
+        >>> payload = {"test": {"test_acc": 0.9}, "history": [{"epoch": 0, "val_loss": 1}]}
+        >>> store.finish(rid, payload, owner), store.finish(rid, payload, new_owner())
+        (True, False)
         >>> store.runs(sid)[0]["final"]["test_acc"], store.pending(sid)
         (0.9, [])
     """
@@ -131,22 +244,87 @@ class Store:
         if not isinstance(url, str) or "://" not in url:
             raise ValueError(f"db url must be a SQLAlchemy URL like sqlite:///path.db, got {url!r}")
         self.url = url
-        self.engine: Engine = create_engine(url)
-        metadata.create_all(self.engine)
+        target = _engine_url(url)
+        sqlite = target.split("://", 1)[0].split("+")[0] == "sqlite"
+        try:
+            self.engine: Engine = create_engine(
+                target, connect_args={"timeout": 60} if sqlite else {}
+            )
+        except ImportError as err:
+            if target.startswith("postgres"):
+                raise ValueError(POSTGRES_MISSING) from None
+            raise ValueError(f"the database driver for {url.split('://')[0]} is not installed: "
+                             f"{err}") from None  # fmt: skip
+        if sqlite:
+            _sqlite_transactions(self.engine)
+        self._create()
+
+    @property
+    def shared(self) -> bool:
+        """False for an in-memory SQLite store, which no other process can see."""
+        url = self.engine.url
+        return not (
+            url.get_backend_name() == "sqlite"
+            and (url.database in (None, "", ":memory:") or url.query.get("mode") == "memory")
+        )
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite: writers take turns)."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(trainwell_write=True)
+            with conn.begin():
+                yield conn
+
+    def now(self) -> float:
+        """The store's clock in Unix seconds (the server's on PostgreSQL) that leases use."""
+        with self.engine.connect() as conn:
+            return self._clock(conn)
+
+    @staticmethod
+    def _clock(conn: Connection) -> float:
+        # one clock for every machine sharing a server, so their clocks may disagree
+        if conn.dialect.name == "postgresql":
+            return float(
+                conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar()
+            )
+        return time.time()
+
+    def _create(self) -> None:
+        """Create the tables (and add the claim columns to an older store), idempotently."""
+        for attempt in range(8):
+            try:
+                with self._write() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
+                    metadata.create_all(conn, checkfirst=True)
+                    have = {c["name"] for c in inspect(conn).get_columns("run")}
+                    quote = conn.dialect.identifier_preparer.quote
+                    for name in CLAIM_COLUMNS:
+                        if name not in have:
+                            kind = run_table.c[name].type.compile(conn.dialect)
+                            conn.execute(text(f"ALTER TABLE run ADD COLUMN {quote(name)} {kind}"))
+                return
+            except (IntegrityError, ProgrammingError, OperationalError) as err:
+                if attempt == 7 or not _retryable(err):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def study(self, name: str, spec: dict[str, Any]) -> int:
         """The id of the study called ``name``, created if new (its spec is updated)."""
-        with self.engine.begin() as conn:
-            row = conn.execute(select(study_table.c.id).where(study_table.c.name == name)).first()
-            if row is not None:
+        values = {"name": name, "created": _now(), "spec": json.dumps(spec)}
+        with self._write() as conn:
+            _insert_ignore(conn, study_table, values, ["name"])
+            row = conn.execute(
+                select(study_table.c.id, study_table.c.spec).where(study_table.c.name == name)
+            ).one()
+            if row.spec != values["spec"]:
                 conn.execute(
                     update(study_table)
-                    .where(study_table.c.id == row[0])
-                    .values(spec=json.dumps(spec))
+                    .where(study_table.c.id == row.id)
+                    .values(spec=values["spec"])
                 )
-                return int(row[0])
-            values = {"name": name, "created": _now(), "spec": json.dumps(spec)}
-            return int(conn.execute(insert(study_table).values(**values)).inserted_primary_key[0])
+            return int(row.id)
 
     def study_names(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -182,22 +360,25 @@ class Store:
             & (run_table.c.data == data)
             & (run_table.c.seed == seed)
         )
-        with self.engine.begin() as conn:
-            row = conn.execute(select(run_table.c.id).where(key)).first()
-            if row is not None:
-                conn.execute(update(run_table).where(key).values(position=position))
-                return int(row[0])
-            values = dict(
-                study_id=study_id,
-                variant=variant,
-                data=data,
-                seed=seed,
-                position=position,
-                overrides=json.dumps(overrides),
-                config=config,
-                status="pending",
-            )
-            return int(conn.execute(insert(run_table).values(**values)).inserted_primary_key[0])
+        values = dict(
+            study_id=study_id,
+            variant=variant,
+            data=data,
+            seed=seed,
+            position=position,
+            overrides=json.dumps(overrides),
+            config=config,
+            status="pending",
+            attempts=0,
+        )
+        with self._write() as conn:
+            _insert_ignore(conn, run_table, values, ["study_id", "variant", "data", "seed"])
+            row = conn.execute(select(run_table.c.id, run_table.c.position).where(key)).one()
+            if row.position != position:
+                conn.execute(
+                    update(run_table).where(run_table.c.id == row.id).values(position=position)
+                )
+            return int(row.id)
 
     def status(self, run_id: int) -> str:
         with self.engine.connect() as conn:
@@ -216,27 +397,144 @@ class Store:
             )
             return [int(r[0]) for r in conn.execute(query)]
 
+    def claim(
+        self,
+        study_id: int,
+        owner: str,
+        lease_s: float = DEFAULT_LEASE_S,
+        *,
+        run_ids: Iterable[int] | None = None,
+        retry_failed_before: float | None = None,
+    ) -> int | None:
+        """Take one run to train, or None when no run is free; one transaction.
+
+        A run is free when it is pending, or running under a dead claim: a heartbeat
+        older than ``lease_s`` seconds, no owner (a store written before claims), or an
+        owner that :func:`owner_is_dead` knows has exited. With ``retry_failed_before``
+        (Unix seconds), runs that failed before then are free too. The claimed run is
+        marked running with ``owner`` and a fresh heartbeat, and whatever a dead attempt
+        left is dropped. ``run_ids`` limits the claim to those runs (the ones this
+        process planned). Two claimers never get the same run: PostgreSQL skips the
+        rows another transaction has locked, SQLite runs one writer at a time.
+        """
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s}")
+        c = run_table.c
+        scope = c.study_id == study_id
+        if run_ids is not None:
+            scope &= c.id.in_(sorted(set(run_ids)))
+        with self._write() as conn:
+            now = self._clock(conn)
+            owners = conn.execute(
+                select(c.owner).where(scope & (c.status == "running")).distinct()
+            ).scalars()
+            dead = [o for o in owners if o and owner_is_dead(o)]
+            stale = c.heartbeat.is_(None) | (c.heartbeat < now - lease_s) | c.owner.is_(None)
+            if dead:
+                stale |= c.owner.in_(dead)
+            free = (c.status == "pending") | ((c.status == "running") & stale)
+            if retry_failed_before is not None:
+                old = c.heartbeat.is_(None) | (c.heartbeat < retry_failed_before)
+                free |= (c.status == "failed") & old
+            run_id = conn.execute(
+                select(c.id)
+                .where(scope & free)
+                .order_by(c.position, c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).scalar()
+            if run_id is None:
+                return None
+            conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
+            conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
+            conn.execute(
+                update(run_table)
+                .where(c.id == run_id)
+                .values(
+                    status="running",
+                    owner=owner,
+                    heartbeat=now,
+                    attempts=func.coalesce(c.attempts, 0) + 1,
+                    error=None,
+                    started=_now(),
+                    finished=None,
+                )
+            )
+            return int(run_id)
+
+    def heartbeat(self, run_id: int, owner: str) -> bool:
+        """Renew ``owner``'s lease on a run; False when the claim is no longer its own."""
+        c = run_table.c
+        with self._write() as conn:
+            result = conn.execute(
+                update(run_table)
+                .where((c.id == run_id) & (c.status == "running") & (c.owner == owner))
+                .values(heartbeat=self._clock(conn))
+            )
+            return result.rowcount == 1
+
+    def release(self, run_id: int, owner: str) -> bool:
+        """Give a claimed run back (pending again) so another process takes it at once."""
+        c = run_table.c
+        with self._write() as conn:
+            result = conn.execute(
+                update(run_table)
+                .where((c.id == run_id) & (c.status == "running") & (c.owner == owner))
+                .values(status="pending", owner=None, heartbeat=None)
+            )
+            return result.rowcount == 1
+
     def start(self, run_id: int) -> None:
-        """Mark a run running and drop whatever a killed earlier attempt left."""
+        """Mark a run running and drop whatever a killed earlier attempt left.
+
+        For one process that owns the store; concurrent processes use :meth:`claim`,
+        which never touches a run another live process holds or has finished.
+        """
         with self.engine.begin() as conn:
             conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
             conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
             conn.execute(
                 update(run_table)
                 .where(run_table.c.id == run_id)
-                .values(status="running", error=None, started=_now())
+                .values(status="running", error=None, started=_now(), owner=None, heartbeat=None)
             )
 
-    def fail(self, run_id: int, error: str, wall_seconds: float | None = None) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
+    def _held(self, run_id: int, owner: str | None) -> Any:
+        held = run_table.c.id == run_id
+        if owner is not None:
+            held &= (run_table.c.status == "running") & (run_table.c.owner == owner)
+        return held
+
+    def fail(
+        self,
+        run_id: int,
+        error: str,
+        wall_seconds: float | None = None,
+        owner: str | None = None,
+    ) -> bool:
+        """Store a run as failed; with ``owner``, only while that owner holds its claim."""
+        with self._write() as conn:
+            result = conn.execute(
                 update(run_table)
-                .where(run_table.c.id == run_id)
-                .values(status="failed", error=error, wall_seconds=wall_seconds, finished=_now())
+                .where(self._held(run_id, owner))
+                .values(
+                    status="failed",
+                    error=error,
+                    wall_seconds=wall_seconds,
+                    finished=_now(),
+                    heartbeat=self._clock(conn),
+                )
             )
+            return result.rowcount == 1
 
-    def finish(self, run_id: int, payload: dict[str, Any]) -> None:
-        """Store a finished run: its summary, per-epoch metrics and final metrics at once."""
+    def finish(self, run_id: int, payload: dict[str, Any], owner: str | None = None) -> bool:
+        """Store a finished run: its summary, per-epoch metrics and final metrics at once.
+
+        With ``owner`` it writes only while that owner still holds the run's claim and
+        returns False otherwise (the lease ran out and another process took the run):
+        a run's metrics are written once. Without ``owner`` (one process owning the
+        store) it replaces whatever the run had.
+        """
         epochs = [
             {"run_id": run_id, "epoch": int(row["epoch"]), "name": k, "value": _num(v)}
             for row in payload.get("history", [])
@@ -249,24 +547,29 @@ class Store:
             "wall_seconds", "train_seconds", "peak_memory_mb", "epochs_run", "best_epoch",
             "stop_reason", "steps", "skipped_steps", "n_params",
         )}  # fmt: skip
-        with self.engine.begin() as conn:
+        with self._write() as conn:
+            # the update first: it checks the claim and, on PostgreSQL, locks the row
+            result = conn.execute(
+                update(run_table)
+                .where(self._held(run_id, owner))
+                .values(
+                    status="done",
+                    error=None,
+                    finished=_now(),
+                    heartbeat=self._clock(conn),
+                    grad_trace=json.dumps(payload.get("grad_trace", [])),
+                    **values,
+                )
+            )
+            if result.rowcount != 1:
+                return False
             conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
             conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
             if epochs:
                 conn.execute(insert(epoch_table), epochs)
             if final_rows:
                 conn.execute(insert(final_table), final_rows)
-            conn.execute(
-                update(run_table)
-                .where(run_table.c.id == run_id)
-                .values(
-                    status="done",
-                    error=None,
-                    finished=_now(),
-                    grad_trace=json.dumps(payload.get("grad_trace", [])),
-                    **values,
-                )
-            )
+            return True
 
     def runs(self, study_id: int) -> list[dict[str, Any]]:
         """Every run of a study as a dict, with ``final`` and ``history`` filled in."""
@@ -297,3 +600,37 @@ class Store:
 
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    """SQLite transactions begun by SQLAlchemy, writes with ``BEGIN IMMEDIATE``.
+
+    pysqlite's own deferred ``BEGIN`` lets two processes read, then both try to write,
+    and one fails with "database is locked" at once; ``BEGIN IMMEDIATE`` takes the
+    write lock first (waiting up to the connect timeout) so writers simply take turns.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _no_pysqlite_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("trainwell_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _insert_ignore(conn: Connection, table: Table, values: dict, keys: list[str]) -> None:
+    """Insert a row unless one with the same ``keys`` exists (a concurrent insert too)."""
+    name = conn.dialect.name
+    if name in ("postgresql", "sqlite"):
+        if name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        conn.execute(
+            dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        )
+        return
+    with contextlib.suppress(IntegrityError), conn.begin_nested():
+        conn.execute(insert(table).values(**values))

@@ -179,6 +179,8 @@ def fit(
         path = dist_utils.broadcast_object(path)
         if path is not None:
             start_epoch, result, best_state, best_loss = snapshot.restore(path)
+            if result.finished:  # a stop rule had ended it: train nothing past that decision
+                start_epoch = epochs
     _check_one_cycle(scheduler, scheduler_interval, epochs - start_epoch, train_loader,
                      accumulator, swa)  # fmt: skip
     autocast = (
@@ -299,12 +301,14 @@ def fit(
                     result.best_epoch, result.best_metrics = epoch, dict(row)
                     if restore_best:
                         best_state = Snapshot.copy_weights(model)
+                if stop:  # recorded in the checkpoint: a resumed run must not train past it
+                    result.stop_reason = getattr(early_stopping, "reason", None) or "early_stop"
+                result.finished = stop
                 if checkpoints is not None:
                     snapshot.save(checkpoints, epoch, result, best_state, best_loss, row)
                 bar.end_epoch(row)
                 _call(callbacks, "on_epoch_end", row)
                 if stop:
-                    result.stop_reason = getattr(early_stopping, "reason", None) or "early_stop"
                     break
     except KeyboardInterrupt:
         result.stop_reason = "interrupted"

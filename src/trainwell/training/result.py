@@ -18,3 +18,6 @@ class FitResult:
     skipped_steps: int = 0
     grad_history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    #: True once a stop rule (early stopping) ended training: resuming it trains nothing more.
+    #: A run that reached its last epoch can be resumed with more epochs.
+    finished: bool = False

@@ -50,6 +50,8 @@ class Snapshot:
                 "best_epoch": result.best_epoch,
                 "best_metrics": result.best_metrics,
                 "best_loss": best_loss,
+                "stop_reason": result.stop_reason,
+                "finished": result.finished,
             },
         }
 
@@ -80,5 +82,7 @@ class Snapshot:
             epochs_run=loop["epoch"] + 1,
             steps=loop["steps"],
             skipped_steps=loop["skipped_steps"],
+            stop_reason=loop.get("stop_reason", "max_epochs"),
+            finished=bool(loop.get("finished", False)),
         )
         return loop["epoch"] + 1, result, state.get("best_model"), float(loop["best_loss"])
