@@ -30,7 +30,8 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, cr
 from tests.study import postgres
 from trainwell.study import execute
 from trainwell.study.execute import _Lease, _safe_run, run_study
-from trainwell.study.store import Store, new_owner, release_owner
+from trainwell.study.owners import new_owner, release_owner
+from trainwell.study.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"epochs": 2, "batch_size": 32, "data": {"train_size": 120}, "model": {"hidden": [16]}}

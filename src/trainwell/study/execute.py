@@ -21,8 +21,9 @@ from multiprocessing import get_context
 from typing import Any
 
 from trainwell.app.config import validate
+from trainwell.study.owners import new_owner, release_owner
 from trainwell.study.plan import PlannedRun, plan_study
-from trainwell.study.store import DEFAULT_LEASE_S, Store, new_owner, release_owner
+from trainwell.study.store import DEFAULT_LEASE_S, Store
 
 
 def execute_run(raw: dict[str, Any]) -> dict[str, Any]:

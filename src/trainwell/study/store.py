@@ -27,10 +27,7 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
-import socket
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +56,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from trainwell.study.owners import owner_is_dead
 
 metadata = MetaData()
 
@@ -126,7 +125,6 @@ CLAIM_COLUMNS = ("owner", "heartbeat", "attempts")  # added to stores made befor
 DEFAULT_LEASE_S = 60.0
 POSTGRES_MISSING = "the PostgreSQL driver is not installed: pip install 'trainwell[postgres]'"
 _SCHEMA_LOCK = 7_412_093_118  # pg_advisory_xact_lock key that serializes schema creation
-_LIVE_OWNERS: set[str] = set()  # owners of this process not released yet
 
 
 def _now() -> str:
@@ -152,60 +150,6 @@ def default_url(directory: str | Path) -> str:
     return f"sqlite:///{Path(directory) / 'results.sqlite'}"
 
 
-def _host() -> str:
-    """This machine (and PID namespace, so two containers never look like one host)."""
-    host = socket.gethostname().replace(":", "_")
-    with contextlib.suppress(OSError):
-        namespace = os.readlink("/proc/self/ns/pid")  # 'pid:[4026531836]'
-        host += "~" + namespace.split("[")[-1].rstrip("]")
-    return host
-
-
-def new_owner() -> str:
-    """A claim owner for this process: ``"host:pid:token"``, unique per call.
-
-    It counts as alive while this process lives, or until :func:`release_owner`.
-
-    Example:
-        >>> owner = new_owner()
-        >>> owner.split(":")[1] == str(os.getpid()), owner != new_owner()
-        (True, True)
-    """
-    owner = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-    _LIVE_OWNERS.add(owner)
-    return owner
-
-
-def release_owner(owner: str) -> None:
-    """Say that ``owner`` (of this process) is done: its leftover claims are free at once."""
-    _LIVE_OWNERS.discard(owner)
-
-
-def owner_is_dead(owner: str | None) -> bool:
-    """True when ``owner`` is known to be gone: a process of this host that has exited.
-
-    An owner of another machine is never known dead; its lease has to run out.
-    """
-    if not owner:
-        return True
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
-    if pid == os.getpid():
-        return owner not in _LIVE_OWNERS  # released: e.g. an earlier run_study that ended
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: alive, someone else's
-        return False
-    with contextlib.suppress(OSError, IndexError):  # a zombie has exited too
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] == "Z"
-    return False
-
-
 def _engine_url(url: str) -> str:
     """``postgresql://`` mapped to the installed driver (psycopg 3, else psycopg2)."""
     scheme, rest = url.split("://", 1)
@@ -227,6 +171,7 @@ class Store:
     """A study's results in a SQL database, safe for several processes at once.
 
     Example:
+        >>> from trainwell.study.owners import new_owner
         >>> store = Store("sqlite://")  # in memory
         >>> sid = store.study("demo", {"seeds": 1})
         >>> rid = store.plan(sid, "base", "all data", 0, 0, {}, "{}")
@@ -410,7 +355,7 @@ class Store:
 
         A run is free when it is pending, or running under a dead claim: a heartbeat
         older than ``lease_s`` seconds, no owner (a store written before claims), or an
-        owner that :func:`owner_is_dead` knows has exited. With ``retry_failed_before``
+        owner that ``owners.owner_is_dead`` knows has exited. With ``retry_failed_before``
         (Unix seconds), runs that failed before then are free too. The claimed run is
         marked running with ``owner`` and a fresh heartbeat, and whatever a dead attempt
         left is dropped. ``run_ids`` limits the claim to those runs (the ones this
