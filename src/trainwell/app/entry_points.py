@@ -124,16 +124,8 @@ def resolve_callable(key: str, target: object) -> Callable[..., Any]:
     return obj
 
 
-def accepts(fn: Callable[..., Any], name: str) -> bool:
-    """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
-
-
-def _named_only(fn: Callable[..., Any], name: str) -> bool:
+def takes(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn``'s signature names the argument ``name`` (``**kwargs`` does not count)."""
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -161,7 +153,7 @@ def call(
         ...      {"in_features": 3, "n_classes": 2}).weight.shape
         torch.Size([2, 3])
     """
-    kwargs = {k: v for k, v in (provided or {}).items() if _named_only(fn, k) and k not in args}
+    kwargs = {k: v for k, v in (provided or {}).items() if takes(fn, k) and k not in args}
     kwargs.update(args)
     try:
         inspect.signature(fn).bind(*positional, **kwargs)

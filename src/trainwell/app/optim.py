@@ -14,14 +14,13 @@ or epochs (``"epoch"``) of the run.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from trainwell.app.config import OPTIMIZER_ALIASES, RunConfig
-from trainwell.app.entry_points import EntryPointError, accepts, call, resolve_callable
+from trainwell.app.entry_points import EntryPointError, call, resolve_callable, takes
 
 LENGTH_ARGS = ("total_steps", "T_max", "total_iters")
 
@@ -44,27 +43,16 @@ def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimize
         decay = 0.0
     else:
         groups, decay = model.parameters(), opt.weight_decay
-    provided: dict[str, Any] = {"lr": opt.lr}
-    if decay or accepts(cls, "weight_decay"):
-        provided["weight_decay"] = decay
-    if accepts(cls, "momentum") and cls is torch.optim.SGD:
+    provided: dict[str, Any] = {"lr": opt.lr, "weight_decay": decay}  # where cls names them
+    if cls is torch.optim.SGD:
         provided["momentum"] = opt.momentum
-    kwargs = {k: v for k, v in provided.items() if _takes(cls, k)}
-    kwargs.update(opt.args)
-    optimizer = call("optimizer.name", opt.name, cls, kwargs, positional=(groups,))
+    optimizer = call("optimizer.name", opt.name, cls, opt.args, provided, positional=(groups,))
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise EntryPointError(
             f"optimizer.name = {opt.name!r} built a {type(optimizer).__name__}, not a "
             "torch.optim.Optimizer"
         )
     return optimizer
-
-
-def _takes(cls: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def scheduler_spec(config: RunConfig) -> tuple[str, dict[str, Any], str]:
@@ -89,7 +77,7 @@ def build_scheduler(
     length = config.epochs * steps_per_epoch if interval == "step" else config.epochs
     given = {"epochs", "steps_per_epoch"} & set(args)
     for key in LENGTH_ARGS:
-        if _takes(cls, key) and key not in args and not given:
+        if takes(cls, key) and key not in args and not given:
             args[key] = length
     if cls is torch.optim.lr_scheduler.OneCycleLR and "max_lr" not in args:
         args["max_lr"] = config.optimizer.lr

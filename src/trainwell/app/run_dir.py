@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from trainwell.app.config import ConfigError, RunConfig, to_toml, validate
+from trainwell.app.config import ConfigError, RunConfig, load_config, to_toml, validate
 from trainwell.checkpoints import CheckpointError, CheckpointManager, load, read_metadata
 from trainwell.checkpoints.format import atomic_write
 
@@ -63,11 +63,10 @@ def write_text(path: Path, text: str) -> None:
 
 
 def _read_config(path: Path) -> RunConfig | None:
-    import tomllib
-
+    """The config in ``path``, or None when it is missing, damaged or invalid."""
     try:
-        return validate(tomllib.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError):
+        return load_config(path)
+    except (ConfigError, UnicodeDecodeError):
         return None
 
 
