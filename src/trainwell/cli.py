@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,11 +33,80 @@ OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run directo
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
-def fail(message: str) -> None:
-    """Print a one-line error per problem (no traceback) and exit with status 2."""
+#: Set to 1 to get the full Python traceback of a failure (as ``--traceback`` does).
+DEBUG_ENV = "TRAINWELL_DEBUG"
+#: Per invocation: ``traceback`` (show it), ``training`` (a run's ``fit()`` has started).
+_state = {"traceback": False, "training": False}
+
+
+@app.callback()
+def options(
+    traceback: Annotated[
+        bool,
+        typer.Option(
+            "--traceback", help=f"Print the full Python traceback of a failure (or {DEBUG_ENV}=1)."
+        ),
+    ] = False,
+) -> None:
+    """Correct, fast and measurable model-optimization techniques for PyTorch."""
+    _state.update(traceback=traceback, training=False)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error per problem (no traceback) and exit with ``code``.
+
+    2: nothing was trained (bad input, refused before training); 1: a failure after
+    training started.
+    """
     for line in str(message).splitlines() or ["error"]:
         typer.echo(f"trainwell: error: {line}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def describe(err: Exception) -> str:
+    """The line(s) a user reads for ``err``: what failed and what to do; never a traceback."""
+    from trainwell.checkpoints import CheckpointError
+
+    if isinstance(err, OSError):
+        where = err.filename or "a file"
+        if err.errno == errno.ENOSPC:
+            return (
+                f"no space left on the device writing {where}: free space or choose another --out"
+            )
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"cannot write {where}: {err.strerror}; choose a writable --out"
+        return f"{where}: {err.strerror or err}"
+    if isinstance(err, (ValueError, TypeError, CheckpointError)):
+        text = str(err).strip() or type(err).__name__
+        lines = text.splitlines()
+        return text if len(lines) > 1 else lines[0][:500]  # a ConfigError: one line each
+    first = next(iter(str(err).strip().splitlines()), "")[:300]  # torch: a C++ stack follows
+    return f"{type(err).__name__}: {first} (rerun with --traceback to see where it failed)"
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command so that any failure is one line and an exit status, never a traceback:
+    2 before training started, 1 after. ``--traceback`` / ``TRAINWELL_DEBUG=1`` re-raise."""
+
+    @functools.wraps(command)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors: typer's own
+            raise
+        except Exception as err:
+            if _state["traceback"] or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+                raise
+            fail(describe(err), 1 if _state["training"] else 2)
+
+    return guarded
+
+
+class _TrainingStarted:
+    """A ``fit()`` callback: from its first batch on, a failure exits 1, not 2."""
+
+    def on_fit_start(self) -> None:
+        _state["training"] = True
 
 
 def results_table(title: str, rows: dict[str, float]) -> Table:
@@ -53,24 +126,37 @@ def _default_out(config_path: Path, config: RunConfig) -> Path:
 def execute(
     config: RunConfig, out: Path, quiet: bool, resume: bool | Path = False, overwrite: bool = False
 ) -> None:
-    """Train one run, write its directory and print its results table."""
+    """Train one run, write its directory and print its results table.
+
+    A run refused before training (bad data, a model target that fails) leaves no run
+    directory behind; one that fails during training keeps what it has so far.
+    """
     from trainwell.app.run_dir import claim, write_text
-    from trainwell.app.runner import train, write_run_dir
+    from trainwell.app.runner import RunFailed, train, write_failed_run, write_run_dir
     from trainwell.distributed import is_main_process
 
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory for the run's files")
+    created = _first_missing(out)
+    wrote_config = not resume and not (out / "config.toml").exists()
     if not resume and is_main_process():
-        try:
-            claim(out, config, overwrite)
-        except ValueError as err:
-            fail(str(err))
+        claim(out, config, overwrite)
         write_text(out / "config.toml", to_toml(config))  # first: `resume` finds it
-    if config.ensemble.members > 1:
-        execute_ensemble(config, out)
-        return
     try:
-        result, model = train(config, out_dir=out, progress=not quiet, resume=resume)
-    except (ValueError, TypeError) as err:
-        fail(str(err))
+        if config.ensemble.members > 1:
+            execute_ensemble(config, out)
+            return
+        result, model = train(
+            config, out_dir=out, progress=not quiet, resume=resume, callbacks=(_TrainingStarted(),)
+        )
+    except RunFailed as err:
+        if is_main_process():
+            write_failed_run(out, config, err)
+        fail(f"{err} (what the run has so far is in {out})", 1)
+    except Exception:
+        if not _state["training"] and is_main_process():
+            _forget(out, created, wrote_config)
+        raise
     if not is_main_process():
         return  # under DDP only rank 0 writes files and prints
     write_run_dir(out, config, result, model)
@@ -86,16 +172,37 @@ def execute(
     console.print(results_table(f"trainwell run: {name} ({out})", rows))
 
 
+def _first_missing(out: Path) -> Path | None:
+    """The outermost folder of ``out`` that does not exist yet (None: ``out`` exists)."""
+    missing = None
+    for folder in [out, *out.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def _forget(out: Path, created: Path | None, wrote_config: bool) -> None:
+    """Undo a refused run: remove the folders it created, or the config.toml it wrote."""
+    import shutil
+
+    if created is not None and out.is_dir() and {p.name for p in out.iterdir()} <= {"config.toml"}:
+        shutil.rmtree(out, ignore_errors=True)
+        for folder in out.parents:  # the empty folders made for it, up to the first one
+            if folder == created.parent or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    elif wrote_config:
+        (out / "config.toml").unlink(missing_ok=True)
+
+
 def execute_ensemble(config: RunConfig, out: Path) -> None:
     """Train the ``[ensemble]`` members, write their files and print member vs ensemble."""
     import json
 
     from trainwell.app.ensemble_runner import train_ensemble, write_ensemble_outputs
 
-    try:
-        result = train_ensemble(config)
-    except (ValueError, TypeError) as err:
-        fail(str(err))
+    result = train_ensemble(config)
     summary = {"config": config.model_dump(mode="json"), **write_ensemble_outputs(out, result)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     ens = summary["ensemble"]
@@ -116,6 +223,7 @@ def execute_ensemble(config: RunConfig, out: Path) -> None:
 
 
 @app.command()
+@one_line_errors
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config of the run.")],
     set_: SetOption = None,
@@ -142,10 +250,7 @@ def run(
 ) -> None:
     """Train one configured run; write config, metrics.csv, weights, summary and curves."""
     set_ = [*(set_ or []), *([f"distributed.timeout_s={timeout}"] if timeout else [])]
-    try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as err:
-        fail(str(err))
+    cfg = load_config(config, set_ or [])
     from trainwell.app.launch import env_world_size, launch
 
     if nproc > 1 and env_world_size() == 1:  # not yet under torchrun: re-launch through it
@@ -159,6 +264,7 @@ def run(
 
 
 @app.command()
+@one_line_errors
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="Directory of a run with checkpoints.")],
     quiet: QuietOption = False,
@@ -232,18 +338,16 @@ def run_ablation(
 
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
-    try:
-        store = Store(db or default_url(out))
-        study = run_study(raw, store, name=name, seeds=seeds, jobs=jobs, progress=not quiet,
-                          retry_failed=retry_failed)  # fmt: skip
-        path = write_report(store, out, name)
-    except (ValueError, TypeError) as err:
-        fail(str(err))
+    store = Store(db or default_url(out))
+    study = run_study(raw, store, name=name, seeds=seeds, jobs=jobs, progress=not quiet,
+                      retry_failed=retry_failed)  # fmt: skip
+    path = write_report(store, out, name)
     print_table(summarize(store.runs(study)), console)
     console.print(f"wrote {path} and {out / 'summary.png'}")
 
 
 @app.command()
+@one_line_errors
 def ablate(
     config: Annotated[Path, typer.Argument(help="TOML config with an \\[ablation] section.")],
     seeds: SeedsOption = None,
@@ -259,10 +363,7 @@ def ablate(
     """
     from trainwell.app.config import absolute_targets, read_toml
 
-    try:
-        raw = absolute_targets(read_toml(config), config.resolve().parent)
-    except ConfigError as err:
-        fail(str(err))
+    raw = absolute_targets(read_toml(config), config.resolve().parent)
     name = str(raw.get("ablation", {}).get("name", config.stem))
     run_ablation(
         raw,
@@ -277,6 +378,7 @@ def ablate(
 
 
 @app.command()
+@one_line_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Directory of an ablation study.")],
     db: DbOption = None,
@@ -289,16 +391,14 @@ def report(
 
     if db is None and not (run_dir / "results.sqlite").is_file():
         fail(f"{run_dir}: no results.sqlite here; pass --db URL for another store")
-    try:
-        store = Store(db or default_url(run_dir))
-        path = write_report(store, run_dir, study)
-        print_table(summarize(store.runs(store.study_id(study))), console)
-    except ValueError as err:
-        fail(str(err))
+    store = Store(db or default_url(run_dir))
+    path = write_report(store, run_dir, study)
+    print_table(summarize(store.runs(store.study_id(study))), console)
     console.print(f"wrote {path}")
 
 
 @app.command()
+@one_line_errors
 def demo(
     out: OutOption = None,
     seeds: SeedsOption = None,
@@ -315,6 +415,7 @@ def demo(
 
 
 @app.command()
+@one_line_errors
 def soup(
     run_dir: Annotated[Path, typer.Argument(help="Directory of a run with checkpoints.")],
     method: Annotated[str, typer.Option(help="greedy (Wortsman et al. 2022) or uniform.")] = (
@@ -325,10 +426,9 @@ def soup(
     """Average the checkpoints a run kept into one model file (a model soup)."""
     from trainwell.app.soup_runner import soup_run
 
-    try:
-        found = soup_run(run_dir, method, out)
-    except (ValueError, OSError) as err:
-        fail(str(err))
+    found = soup_run(run_dir, method, out)
+    for line in found.get("skipped", []):
+        typer.echo(f"trainwell: {line}", err=True)
     table = Table(title=f"soup of {run_dir} (chosen: {', '.join(found['chosen'])})")
     for column in found["rows"][0]:
         table.add_column(column, justify="left" if column == "model" else "right")

@@ -24,6 +24,7 @@ from trainwell.app.models import build_model
 from trainwell.app.optim import build_optimizer, build_scheduler
 from trainwell.app.tasks import Task, build_task, validation_metrics
 from trainwell.app.techniques import build_techniques
+from trainwell.gradients import NonFiniteGradError
 from trainwell.training.evaluation import predict
 from trainwell.training.loop import fit
 from trainwell.training.result import FitResult
@@ -51,6 +52,25 @@ class RunResult:
         data.pop("history")
         data.pop("grad_history")
         return data
+
+
+class RunFailed(RuntimeError):
+    """Training started and then could not go on (NaN/Inf gradients past the guard's limit,
+    ``nan_policy = "raise"``); ``history`` holds the epochs finished before it."""
+
+    def __init__(self, message: str, history: list[dict[str, float]]) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+class _Epochs:
+    """A ``fit()`` callback that keeps every finished epoch's row (what a failed run has)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        self.rows.append(dict(row))
 
 
 def seed_everything(seed: int) -> None:
@@ -240,26 +260,37 @@ def train(
 
         techniques["checkpoints"].header.update(checkpoint_header(configured))
     trained = torch.compile(model) if config.compile else model
-    started = time.perf_counter()
-    fitted: FitResult = fit(
-        trained,
-        train_loader,
-        splits.loader("val", 512),
-        optimizer,
-        task.loss,
-        epochs=config.epochs,
-        device=config.device,
-        scheduler=scheduler,
-        scheduler_interval=interval,
-        scheduler_monitor=config.scheduler.monitor,
-        step=step,
-        metrics=validation_metrics(task),
-        progress=progress,
-        resume=resume,
-        callbacks=callbacks,
-        **precision_args(config, config.device),
-        **techniques,
-    )
+    started, epochs = time.perf_counter(), _Epochs()
+    try:
+        fitted: FitResult = fit(
+            trained,
+            train_loader,
+            splits.loader("val", 512),
+            optimizer,
+            task.loss,
+            epochs=config.epochs,
+            device=config.device,
+            scheduler=scheduler,
+            scheduler_interval=interval,
+            scheduler_monitor=config.scheduler.monitor,
+            step=step,
+            metrics=validation_metrics(task),
+            progress=progress,
+            resume=resume,
+            callbacks=(*callbacks, epochs),
+            **precision_args(config, config.device),
+            **techniques,
+        )
+    except NonFiniteGradError as err:
+        raise RunFailed(
+            f"training stopped after {len(epochs.rows)} epoch(s): {err}", epochs.rows
+        ) from err
+    except FloatingPointError as err:  # early_stopping.nan_policy = "raise"
+        raise RunFailed(
+            f"training stopped after {len(epochs.rows)} epoch(s): {err} "
+            '(early_stopping.nan_policy = "raise"; "stop" or "worst" keep the run going)',
+            epochs.rows,
+        ) from err
     seconds = time.perf_counter() - started
     model = dist_utils.unwrap(model)
     test = test_metrics(model, splits, config.device, task, step)
@@ -318,6 +349,21 @@ def write_run_dir(out_dir: Path, config: RunConfig, result: RunResult, model: nn
     figure = io.BytesIO()
     learning_curves(result.history, figure)
     write_bytes(out_dir / "curves.png", lambda f: f.write(figure.getvalue()))
+
+
+def write_failed_run(out_dir: Path, config: RunConfig, failure: RunFailed) -> None:
+    """What a run that failed during training has: metrics.csv so far and a summary.json
+    naming the failure (its checkpoints, if any, are already on disk)."""
+    from trainwell.app.run_dir import write_text
+
+    if failure.history:
+        write_csv(out_dir / "metrics.csv", failure.history)
+    summary = {
+        "config": config.model_dump(mode="json"),
+        "failed": str(failure),
+        "epochs_run": len(failure.history),
+    }
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

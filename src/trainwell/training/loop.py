@@ -105,7 +105,8 @@ def fit(
         resume: a checkpoint path, or True for the manager's latest checkpoint.
         ema: an ``EMA`` updated after every optimizer step and validated each epoch.
         swa: an ``SWA`` updated at the end of each epoch and recalibrated at the end.
-        callbacks: objects with optional ``on_epoch_end(row)`` / ``on_fit_end(result)``.
+        callbacks: objects with optional ``on_fit_start()`` (before the first batch),
+            ``on_epoch_end(row)`` and ``on_fit_end(result)``.
         progress: show a rich progress bar (only on a terminal, rank 0).
         step: ``step(model, batch, loss_fn) -> StepOutput(loss, outputs, targets, n_items)``
             (or a tuple of four), called on every batch after ``to_device``, in training,
@@ -234,6 +235,7 @@ def fit(
             step(net, to_device(batch, where), loss_fn)
 
     started = time.perf_counter()
+    _call(callbacks, "on_fit_start")
     try:
         with bar:
             for epoch in range(start_epoch, epochs):
