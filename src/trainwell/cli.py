@@ -320,7 +320,7 @@ DbOption = Annotated[
 
 def run_ablation(
     raw: dict,
-    name: str,
+    name: str | None,
     out: Path,
     seeds: int | None,
     jobs: int | None,
@@ -328,14 +328,19 @@ def run_ablation(
     quiet: bool,
     retry_failed: bool = False,
 ) -> None:
-    """Run (or resume) a study into its store, then write and print its report."""
+    """Check every planned run, run (or resume) the study into its store, then write and
+    print its report; exit 1 when runs failed, naming the file with their messages."""
     import os
 
+    from trainwell.study.checks import check_study
     from trainwell.study.execute import run_study
+    from trainwell.study.failures import failure_summary
     from trainwell.study.report import print_table, write_report
     from trainwell.study.statistics import summarize
     from trainwell.study.store import Store, default_url
 
+    check_study(raw, seeds)  # before anything is created or trained
+    name = name or str(raw["ablation"].get("name", "study"))
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
     store = Store(db or default_url(out))
@@ -344,6 +349,9 @@ def run_ablation(
     path = write_report(store, out, name)
     print_table(summarize(store.runs(study)), console)
     console.print(f"wrote {path} and {out / 'summary.png'}")
+    failed = failure_summary(store, study, out)
+    if failed:
+        fail(failed, 1)
 
 
 @app.command()
@@ -364,7 +372,8 @@ def ablate(
     from trainwell.app.config import absolute_targets, read_toml
 
     raw = absolute_targets(read_toml(config), config.resolve().parent)
-    name = str(raw.get("ablation", {}).get("name", config.stem))
+    section = raw.get("ablation")
+    name = str(section.get("name", config.stem)) if isinstance(section, dict) else ""
     run_ablation(
         raw,
         name,
@@ -391,7 +400,7 @@ def report(
 
     if db is None and not (run_dir / "results.sqlite").is_file():
         fail(f"{run_dir}: no results.sqlite here; pass --db URL for another store")
-    store = Store(db or default_url(run_dir))
+    store = Store(db or default_url(run_dir), create=False)
     path = write_report(store, run_dir, study)
     print_table(summarize(store.runs(store.study_id(study))), console)
     console.print(f"wrote {path}")

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from trainwell.app.config import ConfigError
 from trainwell.study.execute import run_study
+from trainwell.study.failures import FailedRun, failed_runs, failure_summary
 from trainwell.study.store import Store, default_url
 
 TINY = {"epochs": 2, "batch_size": 32, "data": {"train_size": 120}, "model": {"hidden": [16]}}
@@ -22,28 +24,44 @@ def _raw(ablation: dict, **extra) -> dict:
     return {**TINY, **extra, "ablation": ablation}
 
 
-def test_failed_runs_are_recorded_and_the_study_goes_on():
+def test_failed_runs_are_recorded_and_the_study_goes_on(tmp_path):
     variants = {
         "diverges": {
             "optimizer.name": "sgd",
             "optimizer.lr": 1e6,
             "gradients.skip_nonfinite": False,
         },
-        "invalid": {"model.dropout": 2.0},
     }
     store = Store("sqlite://")
     sid = run_study(_raw({"seeds": 1, "grid": {"l2": [1e-3]}, "variants": variants}), store)
     runs = {r["variant"]: r for r in store.runs(sid)}
     assert {v: r["status"] for v, r in runs.items()} == {
-        "base": "done", "l2=0.001": "done", "diverges": "failed", "invalid": "failed"
+        "base": "done", "l2=0.001": "done", "diverges": "failed"
     }  # fmt: skip
-    assert "non-finite train loss" in runs["diverges"]["error"]
-    assert "model.dropout" in runs["invalid"]["error"]
+    error = runs["diverges"]["error"]
+    assert error.startswith("FloatingPointError: training diverged: non-finite train loss")
+    assert "\n" not in error and "Traceback" not in error
     assert runs["base"]["final"]["test_acc"] > 0 and runs["base"]["epochs_run"] == 2
     assert store.pending(sid) == []  # failed runs are finished; retry_failed picks them up
-    assert len(store.pending(sid, retry_failed=True)) == 2
+    assert len(store.pending(sid, retry_failed=True)) == 1
+    assert failed_runs(store, sid) == [FailedRun("diverges", "all data", 0, error)]
+    summary = failure_summary(store, sid, tmp_path)
+    assert summary == (
+        f"1 of 3 runs failed; their messages are in {tmp_path / 'failures.txt'} "
+        "(rerun with --retry-failed)"
+    )
+    text = (tmp_path / "failures.txt").read_text(encoding="utf-8")
+    assert "variant: diverges" in text and f"error:   {error}" in text and "seed:    0" in text
     with pytest.raises(ValueError, match="jobs"):
         run_study(_raw({}), store, jobs=0)
+
+
+def test_an_invalid_variant_fails_the_study_before_the_store_is_written():
+    store = Store("sqlite://")
+    raw = _raw({"seeds": 2, "grid": {"l2": [1e-3]}, "variants": {"bad": {"model.dropout": 2.0}}})
+    with pytest.raises(ConfigError, match=r"^ablation\.variants\.bad \(variant bad\): model"):
+        run_study(raw, store)
+    assert store.study_names() == []  # nothing planned, nothing trained
 
 
 def _final(store: Store) -> dict:

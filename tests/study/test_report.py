@@ -31,7 +31,8 @@ def study(tmp_path_factory):
            "gradients": {"monitor": True, "monitor_every": 1},
            "ablation": {"seeds": 2, "grid": {"l2": [1e-2]},
                         "variants": {"ema": {"ema.enabled": True},
-                                     "bad": {"model.dropout": 2.0}}}}  # fmt: skip
+                                     "bad": {"optimizer.name": "sgd", "optimizer.lr": 1e6,
+                                             "gradients.skip_nonfinite": False}}}}  # fmt: skip
     store = Store(f"sqlite:///{out / 'results.sqlite'}")
     run_study(raw, store)
     return store, out

@@ -296,6 +296,7 @@ def test_a_postgresql_url_without_the_driver_is_one_line(monkeypatch):
     )
     with pytest.raises(
         ValueError,
-        match=r"^the PostgreSQL driver is not installed: pip install 'trainwell\[postgres\]'$",
+        match=r"^postgresql needs the psycopg driver, which is not installed: "
+        r"pip install 'trainwell\[postgres\]'$",
     ):
         Store("postgresql://user@localhost/db")

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainwell.app.config import absolute_targets, read_toml
 from trainwell.app.entry_points import reference
+from trainwell.study.checks import check_study
 from trainwell.study.execute import run_study
+from trainwell.study.failures import FailedRun, failed_runs, failure_summary
 from trainwell.study.report import verdict, write_report
 from trainwell.study.statistics import summarize
 from trainwell.study.store import Store, default_url
@@ -29,13 +31,18 @@ from trainwell.study.store import Store, default_url
 
 @dataclass
 class StudyResult:
-    """What a study found: one row per (data size, variant), every run, the report file."""
+    """What a study found: one row per (data size, variant), every run, the report file.
+
+    ``failures`` lists the runs that failed with their one-line errors (also written to
+    ``failures.txt`` next to the report); empty when every run finished.
+    """
 
     rows: list[dict[str, Any]]
     runs: list[dict[str, Any]]
     report: Path
     store: str
     verdict: str
+    failures: list[FailedRun] = field(default_factory=list)
 
     def dataframe(self) -> Any:
         """The rows as a pandas DataFrame (pandas is optional: ImportError names it)."""
@@ -102,8 +109,14 @@ def ablate(
 
     Returns:
         A :class:`StudyResult`: ``rows`` (means, intervals and paired differences per
-        variant and data size), ``runs``, ``report`` (the HTML file), ``verdict``, and
-        ``dataframe()`` when pandas is installed.
+        variant and data size), ``runs``, ``report`` (the HTML file), ``verdict``,
+        ``failures``, and ``dataframe()`` when pandas is installed.
+
+    Raises:
+        ConfigError: (a ``ValueError``) before anything is written or trained, one line
+            per problem, when the ``[ablation]`` section or a planned run's config is
+            invalid or the user code cannot be imported.
+        ValueError: when the results store cannot be opened (one line).
     """
     if isinstance(config, (str, Path)):
         path = Path(config)
@@ -114,13 +127,17 @@ def ablate(
         raise TypeError(f"config must be a dict or a path to a TOML file; got {type(config)}")
     code = {"model.target": model, "data.target": data, "task.loss": loss, "task.step": step}
     raw = _with_code(raw, code, in_process=jobs == 1)
+    check_study(raw, seeds)  # before any directory or store exists
     name = name or str(raw.get("ablation", {}).get("name", "study"))
     out = Path(out) if out is not None else Path("runs") / f"{name}-ablation"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file; give a directory for the study's files")
     out.mkdir(parents=True, exist_ok=True)
     store = Store(db or default_url(out))
     study = run_study(raw, store, name=name, seeds=seeds, jobs=jobs, progress=progress,
                       retry_failed=retry_failed)  # fmt: skip
     report = write_report(store, out, name)
+    failure_summary(store, study, out)  # writes failures.txt when runs failed
     runs = store.runs(study)
     rows = summarize(runs)
-    return StudyResult(rows, runs, report, store.url, verdict(rows))
+    return StudyResult(rows, runs, report, store.url, verdict(rows), failed_runs(store, study))

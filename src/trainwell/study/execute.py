@@ -4,8 +4,11 @@ Each (variant, data size, seed) is one run, planned in the results store first; 
 study run again skips the runs that finished and restarts the ones a kill cut off.
 Several processes may run one study on a shared store: each claims free runs one at a
 time, so every run is trained once (see :mod:`trainwell.study.store`).
-A run that raises (invalid value, diverged loss) is stored as failed with its
-message and the study goes on.
+Every planned run's config is checked before the store is touched
+(:func:`trainwell.study.checks.check_study`), so a bad grid value fails the study at once.
+A run that raises while training (diverged loss, user code that fails) is stored as
+failed with a one-line message (:func:`trainwell.study.failures.error_line`) and the
+study goes on; :func:`trainwell.study.failures.failure_summary` says which failed.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from multiprocessing import get_context
 from typing import Any
 
 from trainwell.app.config import validate
+from trainwell.study.checks import check_study
+from trainwell.study.failures import error_line
 from trainwell.study.owners import new_owner, release_owner
-from trainwell.study.plan import PlannedRun, plan_study
+from trainwell.study.plan import PlannedRun
 from trainwell.study.store import DEFAULT_LEASE_S, Store
 
 
@@ -73,14 +78,12 @@ def _worker_init() -> None:
 
 
 def _safe_run(raw: dict[str, Any]) -> tuple[bool, Any]:
-    """``(True, payload)`` or ``(False, "Error: message")``; never raises."""
+    """``(True, payload)`` or ``(False, ("Error: message", seconds))``; never raises."""
     started = time.perf_counter()
     try:
         return True, execute_run(raw)
     except Exception as err:  # noqa: BLE001 - a failed run is data, not a crash
-        message = str(err).strip().splitlines()
-        text = f"{type(err).__name__}: {' '.join(message)}" if message else type(err).__name__
-        return False, (text, time.perf_counter() - started)
+        return False, (error_line(err), time.perf_counter() - started)
 
 
 def run_study(
@@ -95,6 +98,11 @@ def run_study(
     lease_s: float = DEFAULT_LEASE_S,
 ) -> int:
     """Plan the study in ``store``, run every unfinished run, and return the study id.
+
+    Every run's config is checked first (:func:`~trainwell.study.checks.check_study`):
+    a problem raises :class:`~trainwell.app.config.ConfigError`, one line each, before
+    the store is written. Runs that fail while training do not raise: they are stored
+    as failed; :func:`trainwell.study.failures.failure_summary` reports them.
 
     ``jobs > 1`` trains in that many spawned worker processes with one torch thread
     each; ``jobs == 1`` trains in this process (with one torch thread too).
@@ -112,7 +120,7 @@ def run_study(
         raise ValueError(f"jobs must be a positive integer, got {jobs}")
     if not lease_s > 0:
         raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s}")
-    planned = plan_study(raw, seeds)
+    planned = check_study(raw, seeds)
     spec = {"ablation": raw.get("ablation", {}), "seeds": seeds, "runs": len(planned)}
     study_id = store.study(name, spec)
     by_id: dict[int, PlannedRun] = {}
@@ -192,7 +200,8 @@ def run_study(
                         try:
                             ok, payload = future.result()
                         except Exception as err:  # noqa: BLE001 - a worker died
-                            ok, payload = False, (f"worker process failed: {err}", None)
+                            text = f"worker process failed: {error_line(err)}"
+                            ok, payload = False, (text, None)
                         record(run_id, ok, payload)
                         next_claim = 0.0  # a slot is free: claim at once
                     tracker.tick()

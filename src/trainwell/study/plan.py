@@ -13,7 +13,12 @@ The ``[ablation]`` section of a run config describes the study::
     "ema.enabled" = true
 
 ``plan_study`` turns it into every (variant, data size, seed) run, each with its full
-config; :mod:`trainwell.study.execute` trains them.
+config; :mod:`trainwell.study.checks` validates them before anything trains, and
+:mod:`trainwell.study.execute` trains them. A malformed section is a
+:class:`~trainwell.app.config.ConfigError` with one line per problem: a key of the
+section that does not exist, a value of the wrong type, a grid key that is neither a
+short name nor a config key, a grid entry that is not a non-empty list, two variants
+with one label.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainwell.app.config import apply_overrides, validate
+from pydantic import BaseModel
+
+from trainwell.app.config import ConfigError, RunConfig, apply_overrides, validate
 
 ALIASES = {
     "l1": "regularization.l1",
@@ -46,17 +54,23 @@ ALIASES = {
     "train_size": "data.train_size",
 }
 SPEC_KEYS = {"name", "mode", "seeds", "grid", "variants", "base"}
+MODES = ("one-at-a-time", "grid")
 
 
 @dataclass
 class PlannedRun:
-    """One run of a study: its variant and data labels, seed and full raw config."""
+    """One run of a study: its variant and data labels, seed and full raw config.
+
+    ``origin`` maps each config key the run changes to where the ``[ablation]`` section
+    says so (``"ablation.grid.l2 = 0.001"``, ``"ablation.variants.ema"``), for messages.
+    """
 
     variant: str
     data: str
     seed: int
     overrides: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
+    origin: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -77,6 +91,39 @@ def resolve_key(key: str) -> str:
         ('regularization.l2', 'gradients.clip.max_norm', 'model.dropout')
     """
     return ALIASES.get(key, key)
+
+
+def unknown_key(dotted: str) -> str | None:
+    """Why ``dotted`` is not a key of the run config, or None when it is one.
+
+    A key inside a free-form table (``model.args.width``) is the user's and always known.
+
+    Example:
+        >>> unknown_key("model.dropout") is None, unknown_key("model.args.width") is None
+        (True, True)
+        >>> unknown_key("early_stopping.patience.max")
+        'early_stopping.patience is a value, not a table'
+    """
+    model: type[BaseModel] = RunConfig
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if part not in model.model_fields or (depth == 0 and part == "ablation"):
+            keys = ", ".join(k for k in model.model_fields if k != "ablation")
+            return f"{where or 'the config'} has no key {part!r}; it has: {keys}"
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        if typing.get_origin(annotation) is dict or depth == len(parts) - 1:
+            return None
+        return f"{'.'.join(parts[: depth + 1])} is a value, not a table"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A value as TOML spells it (strings quoted, ``true``), for messages."""
+    return json.dumps(value, default=str)
 
 
 def _label(overrides: dict[str, Any]) -> str:
@@ -100,7 +147,9 @@ def _label(overrides: dict[str, Any]) -> str:
 def _with_implied(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Overrides plus what they need to take effect (a clip threshold switches clipping on)."""
     out = dict(overrides)
-    clip_mode = raw.get("gradients", {}).get("clip", {}).get("mode", "none")
+    gradients = raw.get("gradients")
+    clip = gradients.get("clip") if isinstance(gradients, dict) else None
+    clip_mode = clip.get("mode", "none") if isinstance(clip, dict) else "none"
     if "gradients.clip.mode" not in out and clip_mode == "none":
         if "gradients.clip.max_norm" in out:
             out["gradients.clip.mode"] = "norm"
@@ -109,69 +158,178 @@ def _with_implied(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
     return out
 
 
+def base_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The study's base run config: ``raw`` without ``[ablation]``, with ``ablation.base``."""
+    spec = raw.get("ablation", {})
+    base = copy.deepcopy({k: v for k, v in raw.items() if k != "ablation"})
+    table = spec.get("base", {}) if isinstance(spec, dict) else {}
+    return apply_overrides(base, _flatten(table) if isinstance(table, dict) else {})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _keys_problems(where: str, table: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """``{config key: key as written}`` of a table of config keys, and what is wrong in it."""
+    keys: dict[str, str] = {}
+    problems: list[str] = []
+    for written in _flatten(table):
+        key = resolve_key(written)
+        if key == "seed":
+            problems.append(f"{where}.seed: seeds come from ablation.seeds (or --seeds)")
+            continue
+        why = unknown_key(key)
+        if why is not None:
+            if "." not in written:
+                short = ", ".join(sorted(ALIASES))
+                why = (
+                    f"unknown key; short names: {short}; or a dotted config key like model.dropout"
+                )
+            problems.append(f"{where}.{written}: {why}")
+            continue
+        if key in keys:
+            problems.append(
+                f"{where}: {keys[key]!r} and {written!r} both set {key}; keep one of them"
+            )
+            continue
+        keys[key] = written
+    return keys, problems
+
+
+def _read_spec(spec: Any, seeds: int | None) -> tuple[dict[str, Any], list[str]]:
+    """The ``[ablation]`` section checked: its parts, and one line per problem in it."""
+    if not isinstance(spec, dict):
+        return {}, [f"ablation must be a table ([ablation]), got {_shown(spec)}"]
+    problems = []
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        problems.append(
+            f"ablation: unknown key(s) {sorted(unknown)}; accepted: {sorted(SPEC_KEYS)}"
+        )
+    name = spec.get("name", "study")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        problems.append(f"ablation.name must be a non-empty string of at most 200 characters, "
+                        f"got {_shown(name)}")  # fmt: skip
+    mode = spec.get("mode", "one-at-a-time")
+    if mode not in MODES:
+        problems.append(f"ablation.mode must be 'one-at-a-time' or 'grid', got {_shown(mode)}")
+    n_seeds = seeds if seeds is not None else spec.get("seeds", 3)
+    if not _is_int(n_seeds) or n_seeds < 1:
+        where = "seeds" if seeds is not None else "ablation.seeds"
+        problems.append(f"{where}: seeds must be a positive integer, got {_shown(n_seeds)}")
+    tables: dict[str, dict[str, Any]] = {}
+    for key in ("grid", "variants", "base"):
+        tables[key] = spec.get(key, {})
+        if not isinstance(tables[key], dict):
+            problems.append(f"ablation.{key} must be a table, got {_shown(tables[key])}")
+            tables[key] = {}
+    parts: dict[str, Any] = {"mode": mode, "seeds": n_seeds, "grid": {}, "variants": {}}
+    written, found = _keys_problems("ablation.grid", tables["grid"])
+    problems += found
+    flat = _flatten(tables["grid"])
+    for key, as_written in written.items():
+        values = flat[as_written]
+        if not isinstance(values, list) or not values:
+            problems.append(
+                f"ablation.grid.{as_written} must be a non-empty list of values, "
+                f"got {_shown(values)}"
+            )
+            continue
+        parts["grid"][key] = (as_written, values)
+    for name, table in tables["variants"].items():
+        if not isinstance(table, dict):
+            problems.append(
+                f"ablation.variants.{name} must be a table of config keys, got {_shown(table)}"
+            )
+            continue
+        if name == "base":
+            problems.append("ablation.variants.base: 'base' names the base config; rename it")
+            continue
+        written, found = _keys_problems(f"ablation.variants.{name}", table)
+        problems += found
+        parts["variants"][name] = {k: _flatten(table)[w] for k, w in written.items()}
+    problems += _keys_problems("ablation.base", tables["base"])[1]
+    return parts, problems
+
+
 def plan_study(raw: dict[str, Any], seeds: int | None = None) -> list[PlannedRun]:
     """Every run of the study the ``[ablation]`` section of ``raw`` describes.
 
     Variants whose config equals the base config (e.g. ``l2 = 0`` when the base has
-    no L2) are dropped: they are the base run. Seeds are ``seed, seed+1, ...``.
+    no L2) are dropped: they are the base run. Seeds are ``seed, seed+1, ...``. A
+    malformed section raises :class:`~trainwell.app.config.ConfigError`, one line per
+    problem (it is a ``ValueError``); the run configs themselves are checked by
+    :func:`trainwell.study.checks.check_study`.
 
     Example:
         >>> runs = plan_study({"ablation": {"seeds": 2, "grid": {"l2": [0, 1e-3]}}})
         >>> [(r.variant, r.seed) for r in runs]
         [('base', 0), ('l2=0.001', 0), ('base', 1), ('l2=0.001', 1)]
-    """
-    spec = raw.get("ablation", {})
-    unknown = set(spec) - SPEC_KEYS
-    if unknown:
-        raise ValueError(
-            f"ablation: unknown key(s) {sorted(unknown)}; accepted: {sorted(SPEC_KEYS)}"
-        )
-    mode = spec.get("mode", "one-at-a-time")
-    if mode not in ("one-at-a-time", "grid"):
-        raise ValueError(f"ablation.mode must be 'one-at-a-time' or 'grid', got {mode!r}")
-    n_seeds = int(seeds if seeds is not None else spec.get("seeds", 3))
-    if n_seeds < 1:
-        raise ValueError(f"seeds must be a positive integer, got {n_seeds}")
-    base = {k: v for k, v in raw.items() if k != "ablation"}
-    base = apply_overrides(copy.deepcopy(base), _flatten(spec.get("base", {})))
-    grid = {resolve_key(k): v for k, v in _flatten(spec.get("grid", {})).items()}
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(
-                f"ablation.grid.{key} must be a non-empty list of values, got {values!r}"
-            )
+        >>> plan_study({"ablation": {"grid": {"l3": [0.1]}, "seeds": 0}})
+        Traceback (most recent call last):
+        ...
+        trainwell.app.config.ConfigError: ablation.seeds: seeds must be a positive integer, got 0
+        ablation.grid.l3: unknown key; short names: accumulate, clip.max_norm, clip.mode, clip.value, dropout, dropout.p, early_stopping, ema, l1, l2, lr, max_norm, patience, swa, train_fraction, train_size, weight_decay; or a dotted config key like model.dropout
+    """  # noqa: E501
+    spec, problems = _read_spec(raw.get("ablation", {}), seeds)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    base = base_config(raw)
+    grid = spec["grid"]
     data_axes = {k: v for k, v in grid.items() if k.startswith("data.")}
     axes = {k: v for k, v in grid.items() if not k.startswith("data.")}
-    variants: list[tuple[str, dict[str, Any]]] = [("base", {})]
-    if mode == "grid" and axes:
-        for combo in itertools.product(*axes.values()):
-            variants.append(("", dict(zip(axes, combo, strict=False))))
+
+    def origin(key: str, value: Any) -> str:
+        return f"ablation.grid.{grid[key][0]} = {_shown(value)}"
+
+    # (label or "", overrides, {config key: where the section sets it})
+    variants: list[tuple[str, dict[str, Any], dict[str, str]]] = [("base", {}, {})]
+    if spec["mode"] == "grid" and axes:
+        for combo in itertools.product(*(values for _, values in axes.values())):
+            chosen = dict(zip(axes, combo, strict=True))
+            variants.append(("", chosen, {k: origin(k, v) for k, v in chosen.items()}))
     else:
-        variants += [("", {k: v}) for k, values in axes.items() for v in values]
-    for name, table in spec.get("variants", {}).items():
-        if not isinstance(table, dict):
-            raise ValueError(f"ablation.variants.{name} must be a table of config keys")
-        variants.append((name, {resolve_key(k): v for k, v in _flatten(table).items()}))
+        for key, (_, values) in axes.items():
+            variants += [("", {key: v}, {key: origin(key, v)}) for v in values]
+    for name, table in spec["variants"].items():
+        variants.append((name, table, dict.fromkeys(table, f"ablation.variants.{name}")))
     datas = [
-        dict(zip(data_axes, combo, strict=False))
-        for combo in itertools.product(*data_axes.values())
+        dict(zip(data_axes, combo, strict=True))
+        for combo in itertools.product(*(values for _, values in data_axes.values()))
     ]
-    base_seed = int(base.get("seed", 0))
+    base_seed = base.get("seed", 0)
+    base_seed = base_seed if _is_int(base_seed) else 0  # a bad seed is the base config's error
     runs: list[PlannedRun] = []
-    for seed_index in range(n_seeds):
+    data_labels = [_label(data) for data in datas]
+    clashes = [
+        f"ablation.grid: two data sizes are both labelled {label!r}; make the values differ"
+        for label in dict.fromkeys(data_labels)
+        if data_labels.count(label) > 1
+    ]
+    for seed_index in range(spec["seeds"]):
         for data in datas or [{}]:
             data_label = _label(data) or "all data"
-            seen: list[str] = []
-            for name, given in variants:
+            data_origin = {k: origin(k, v) for k, v in data.items()}
+            seen: dict[str, str] = {}  # config -> label
+            for name, given, where in variants:
                 overrides = _with_implied(base, given)
                 cfg = apply_overrides(copy.deepcopy(base), {**data, **overrides})
                 cfg["seed"] = base_seed + seed_index
                 key = json.dumps(_canonical(cfg), sort_keys=True, default=str)
                 if key in seen:
                     continue
-                seen.append(key)
                 label = name or _label(given)
-                runs.append(PlannedRun(label, data_label, base_seed + seed_index, overrides, cfg))
+                if label in seen.values():
+                    clashes.append(
+                        f"ablation: two different variants are both labelled {label!r}; "
+                        "rename the named variant or make the grid values differ"
+                    )
+                seen[key] = label
+                runs.append(PlannedRun(label, data_label, base_seed + seed_index, overrides,
+                                       cfg, {**data_origin, **where}))  # fmt: skip
+    if clashes:
+        raise ConfigError("\n".join(dict.fromkeys(clashes)))
     return runs
 
 

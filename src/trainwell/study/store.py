@@ -5,7 +5,9 @@ seed, with its config, status, error, wall time and peak memory), ``epoch_metric
 (one row per run, epoch and metric) and ``final_metric`` (one per run and metric).
 Any SQLAlchemy URL works (``sqlite:///DIR/results.sqlite`` is the default;
 ``postgresql://...`` lets several processes or machines share one study and needs the
-driver: ``pip install 'trainwell[postgres]'``).
+driver: ``pip install 'trainwell[postgres]'``); :mod:`trainwell.study.database` opens it
+and says in one line what is wrong with a URL or a database. A database that holds
+tables but not a ``study`` table is not a results store and is refused, never written to.
 
 Several processes may run the same study on one store at once. Opening a store,
 creating a study and planning its runs tolerate a concurrent creator (the schema is
@@ -24,7 +26,6 @@ the dead attempt, and a finished run's metrics are never deleted by a claim.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import time
@@ -44,7 +45,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    create_engine,
     delete,
     event,
     func,
@@ -57,6 +57,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from trainwell.study.database import StoreError, connection_errors, open_engine, shown
 from trainwell.study.owners import owner_is_dead
 
 metadata = MetaData()
@@ -123,7 +124,6 @@ final_table = Table(
 FINISHED = ("done", "failed")
 CLAIM_COLUMNS = ("owner", "heartbeat", "attempts")  # added to stores made before claims
 DEFAULT_LEASE_S = 60.0
-POSTGRES_MISSING = "the PostgreSQL driver is not installed: pip install 'trainwell[postgres]'"
 _SCHEMA_LOCK = 7_412_093_118  # pg_advisory_xact_lock key that serializes schema creation
 
 
@@ -150,17 +150,6 @@ def default_url(directory: str | Path) -> str:
     return f"sqlite:///{Path(directory) / 'results.sqlite'}"
 
 
-def _engine_url(url: str) -> str:
-    """``postgresql://`` mapped to the installed driver (psycopg 3, else psycopg2)."""
-    scheme, rest = url.split("://", 1)
-    if scheme in ("postgresql", "postgres"):
-        for module, dialect in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
-            if importlib.util.find_spec(module) is not None:
-                return f"postgresql+{dialect}://{rest}"
-        raise ValueError(POSTGRES_MISSING)
-    return url
-
-
 def _retryable(err: Exception) -> bool:
     """A concurrent creator got there first, or SQLite stayed locked past its timeout."""
     message = str(err).lower()
@@ -185,24 +174,19 @@ class Store:
         (0.9, [])
     """
 
-    def __init__(self, url: str) -> None:
-        if not isinstance(url, str) or "://" not in url:
-            raise ValueError(f"db url must be a SQLAlchemy URL like sqlite:///path.db, got {url!r}")
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        """Open the store at ``url``, creating its tables unless ``create`` is False.
+
+        Raises :class:`~trainwell.study.database.StoreError` (a ``ValueError``, one line)
+        when the URL, the driver, the server or the database cannot be used; with
+        ``create=False`` also when the store does not exist or holds no study table yet.
+        """
         self.url = url
-        target = _engine_url(url)
-        sqlite = target.split("://", 1)[0].split("+")[0] == "sqlite"
-        try:
-            self.engine: Engine = create_engine(
-                target, connect_args={"timeout": 60} if sqlite else {}
-            )
-        except ImportError as err:
-            if target.startswith("postgres"):
-                raise ValueError(POSTGRES_MISSING) from None
-            raise ValueError(f"the database driver for {url.split('://')[0]} is not installed: "
-                             f"{err}") from None  # fmt: skip
-        if sqlite:
+        self.engine: Engine = open_engine(url, create=create)
+        if self.engine.dialect.name == "sqlite":
             _sqlite_transactions(self.engine)
-        self._create()
+        with connection_errors(url):
+            self._create(create)
 
     @property
     def shared(self) -> bool:
@@ -235,13 +219,22 @@ class Store:
             )
         return time.time()
 
-    def _create(self) -> None:
-        """Create the tables (and add the claim columns to an older store), idempotently."""
+    def _create(self, create: bool = True) -> None:
+        """Create the tables (and add the claim columns to an older store), idempotently.
+
+        A database with other tables and no ``study`` table is someone else's: refused.
+        """
         for attempt in range(8):
             try:
                 with self._write() as conn:
                     if conn.dialect.name == "postgresql":
                         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
+                    tables = set(inspect(conn).get_table_names())
+                    if "study" not in tables and (tables or not create):
+                        what = "no study table" if tables else "no study table; it is empty"
+                        raise StoreError(
+                            f"{shown(self.url)} is not a trainwell results store ({what})"
+                        )
                     metadata.create_all(conn, checkfirst=True)
                     have = {c["name"] for c in inspect(conn).get_columns("run")}
                     quote = conn.dialect.identifier_preparer.quote
@@ -278,15 +271,45 @@ class Store:
             ]
 
     def study_id(self, name: str | None = None) -> int:
-        """The id of the named study, or of the newest one when ``name`` is None."""
+        """The id of the named study, or of the newest one when ``name`` is None.
+
+        A name the store does not hold is a one-line ``ValueError`` listing the names it
+        holds.
+        """
         with self.engine.connect() as conn:
             query = select(study_table.c.id).order_by(study_table.c.id.desc())
             if name is not None:
                 query = query.where(study_table.c.name == name)
             row = conn.execute(query).first()
         if row is None:
-            raise ValueError(f"no study {name or ''} in {self.url}".replace("  ", " "))
+            names = self.study_names()
+            wanted = "no study" if name is None else f"no study {name!r}"
+            listed = ", ".join(repr(n) for n in names[:20]) or "none yet"
+            more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+            raise ValueError(
+                f"{wanted} in the results store {shown(self.url)}; its studies: {listed}{more}"
+            )
         return int(row[0])
+
+    def counts(self, study_id: int) -> dict[str, int]:
+        """How many runs of a study are in each status (``done``, ``failed``, ...)."""
+        c = run_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(c.status, func.count()).where(c.study_id == study_id).group_by(c.status)
+            )
+            return {str(status): int(n) for status, n in rows}
+
+    def failed(self, study_id: int) -> list[dict[str, Any]]:
+        """The failed runs of a study, in plan order: variant, data, seed and error."""
+        c = run_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(c.id, c.variant, c.data, c.seed, c.error)
+                .where((c.study_id == study_id) & (c.status == "failed"))
+                .order_by(c.position, c.id)
+            ).mappings()
+            return [dict(r) for r in rows]
 
     def plan(
         self,
