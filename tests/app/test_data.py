@@ -169,3 +169,134 @@ def test_train_size_larger_than_the_training_split_is_refused():
     with pytest.raises(ValueError, match="train_size"):
         load_splits("wine", train_size=n + 1)
     assert len(load_splits("wine", seed=0, train_size=n).y_train) == n  # equal: all of it
+
+
+def _write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, dict):
+        np.savez(path, **content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+def _table(header, rows):
+    return header + "\n" + "\n".join(rows) + "\n"
+
+
+RNG = np.random.default_rng(0)
+X60 = RNG.normal(size=(60, 3))
+Y60 = np.arange(60) % 2
+NAN_X = X60.copy()
+NAN_X[[3, 9], 1] = np.nan
+INT_ROWS = [f"{i},{i % 5},{i % 2}" for i in range(60)]
+BAD_DATA = [
+    # (file name, content, load_splits kwargs, what the line must name)
+    ("d.csv", _table("a,b,y", [f"{i},{i % 7},{i * 0.37:.4f}" for i in range(412)]), {},
+     ["data:", "the target column 'y'", "distinct non-integer values", 'task.kind = "regression"',
+      "integer class labels"]),
+    ("d.csv", _table("a,b,y", [f"{i},{i},{i}" for i in range(50)]), {},
+     ["the target column 'y'", "seen only once", 'task.kind = "regression"']),
+    ("d.csv", _table("a,b,y", [*INT_ROWS[:5], "5,1,nan", *INT_ROWS[6:]]), {},
+     ["the target column 'y'", "NaN or Inf in 1 row", "class label"]),
+    ("d.csv", _table("a,b,y", [*INT_ROWS[:5], "5,inf,1", "6,nan,0", *INT_ROWS[7:]]), {},
+     ["d.csv", "2 rows of features hold NaN or Inf", "columns ['b']"]),
+    ("d.csv", _table("a,b,y", [*INT_ROWS[:5], "5,1,0,9", *INT_ROWS[6:]]), {},
+     ["d.csv", "line 7 has 4 cells, the header 3"]),
+    ("d.csv", _table("a,b,y", [*INT_ROWS[:5], "5,x,0", *INT_ROWS[6:]]), {},
+     ["d.csv", "column 'b' holds 'x'", "numeric"]),
+    ("d.csv", b"a,b,y\n1,2,0\n1,2,\xff\n", {}, ["d.csv", "not UTF-8", "line 3"]),
+    ("d.csv", _table("a,y", ['"' + "1" * 200_000 + '",1']), {},
+     ["d.csv", "line 2", "field larger than field limit"]),
+    ("d.csv", _table("a,b,y", INT_ROWS), {"task": "regression", "target": "a,b"},
+     ["data.target 'a,b' is not a column of d.csv"]),
+    ("d.csv", _table("a,b,y", [f"{i},{i},{'cat' if i % 2 else 'dog'}" for i in range(60)]),
+     {"task": "regression"}, ["the target column 'y'", "regression targets must be real numbers"]),
+    ("d.npz", {"X": X60, "y": RNG.integers(0, 2, size=(60, 3))}, {},
+     ["array 'y'", "shape (60, 3)", "one class label per row, shape (60,)", "task.kind"]),
+    ("d.npz", {}, {}, ["d.npz", "must hold arrays 'X' and 'y'", "missing ['X', 'y']"]),
+    ("d.npz", {"X": X60}, {}, ["d.npz", "missing ['y']"]),
+    ("d.npz", {"X": np.zeros((0, 3)), "y": np.zeros(0)}, {},
+     ["data.source d.npz", "no data", "(0, 3)"]),
+    ("d.npz", {"X": np.zeros((0, 3)), "y": np.zeros(0)}, {"task": "regression"}, ["no data"]),
+    ("d.npz", {"X": X60 + 1j, "y": Y60}, {}, ["d.npz", "array 'X' holds complex numbers"]),
+    ("d.npz", {"X": np.full((60, 3), "a"), "y": Y60}, {},
+     ["d.npz", "array 'X' holds dtype <U1", "real numbers"]),
+    ("d.npz", {"X": X60, "y": Y60 + 1j}, {}, ["array 'y' holds complex numbers"]),
+    ("d.npz", {"X": X60, "y": Y60 + 1j}, {"task": "regression"},
+     ["array 'y' holds complex numbers", "regression"]),
+    ("d.npz", {"X": NAN_X, "y": Y60}, {},
+     ["d.npz", "2 rows of features hold NaN or Inf", "feature columns [1] (0-based) of X"]),
+    ("d.npz", {"X": X60, "y": np.array(3)}, {}, ["array 'y' is a single value"]),
+    ("d.npz", {"X": X60[:, 0], "y": Y60}, {}, ["X has shape (60,)", "2-D"]),
+    ("d.npz", {"X": X60, "y": Y60[:50]}, {}, ["X has 60 rows but array 'y' 50"]),
+    ("d.npz", {"X": X60[:5], "y": Y60[:5]}, {},
+     ["5 samples are too few", "stratified over 2 classes", "data.test_fraction = 0.2"]),
+    ("d.npz", {"X": X60[:2], "y": np.array([0.5, 1.5])}, {"task": "regression"},
+     ["2 samples are too few", "each split needs at least one sample"]),
+    ("d.npz", "not a zip file", {}, ["d.npz", "not a NumPy .npz archive"]),
+    ("d.npz", b"", {}, ["d.npz", "not a NumPy .npz archive"]),
+    ("d.npz", b"PK\x03\x04broken", {}, ["d.npz", "not a NumPy .npz archive"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "kwargs", "needles"), BAD_DATA)
+def test_bad_data_files_are_refused_in_one_line(tmp_path, name, content, kwargs, needles):
+    source = _write(tmp_path, name, content)
+    with pytest.raises(ValueError) as info:
+        load_splits(source, **{"target": "y", **kwargs})
+    text = str(info.value)
+    assert len(text.splitlines()) == 1 and len(text) <= 200, text[:500]
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
+def test_npz_of_other_kinds_are_refused_in_one_line(tmp_path):
+    np.save(tmp_path / "a.npy", X60)
+    (tmp_path / "single.npz").write_bytes((tmp_path / "a.npy").read_bytes())
+    np.savez(tmp_path / "obj.npz", X=np.array([object()] * 60, dtype=object), y=Y60)
+    (tmp_path / "dir.npz").mkdir()
+    cases = [("single.npz", "holds a single array (a .npy file)"),
+             ("obj.npz", "array 'X' holds Python objects"),
+             ("dir.npz", "is a directory"), ("missing.npz", "does not exist")]  # fmt: skip
+    for name, needle in cases:
+        with pytest.raises(ValueError) as info:
+            load_splits(str(tmp_path / name))
+        assert needle in str(info.value) and len(str(info.value).splitlines()) == 1, name
+
+
+def test_a_column_of_labels_is_one_label_per_row(tmp_path):
+    splits = load_splits(_write(tmp_path, "d.npz", {"X": X60, "y": Y60[:, None]}))
+    assert splits.n_classes == 2 and splits.y_train.ndim == 1
+
+
+def test_train_size_that_leaves_too_few_out_for_the_stratified_subsample():
+    n = len(load_splits("wine", seed=0).y_train)
+    with pytest.raises(ValueError, match=rf"keeps {n - 1} of {n} .* fewer than the 3 classes"):
+        load_splits("wine", train_size=n - 1)
+
+
+def test_user_datasets_too_small_or_continuous_are_one_line(tmp_path):
+    from trainwell.app.config import load_config
+    from trainwell.app.user_data import load_user_splits
+
+    (tmp_path / "mydata.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n"
+        "def tiny():\n"
+        "    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])\n"
+        "    return TensorDataset(x, y), TensorDataset(x, y)\n"
+        "def smooth():\n"
+        "    return TensorDataset(torch.randn(50, 3), torch.rand(50))\n"
+    )
+    for name, needles in [
+        ("tiny", ["data: 4 samples are too few", "data.test_fraction"]),
+        ("smooth", ["data.target:", "distinct non-integer values", 'task.kind = "regression"']),
+    ]:
+        cfg = load_config(None, [f"data.target='{tmp_path / 'mydata.py'}:{name}'"])
+        with pytest.raises(ValueError) as info:
+            load_user_splits(cfg)
+        text = str(info.value)
+        assert len(text.splitlines()) == 1 and len(text) <= 200, text
+        assert all(needle in text for needle in needles), text

@@ -8,6 +8,7 @@ prints them and exits with status 2.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,20 @@ LOSS_NAMES = ("cross_entropy", "mse", "l1", "huber", "bce_with_logits")
 #: Config keys that hold user code; relative file paths in them are relative to the config.
 TARGET_KEYS = ("model.target", "data.target", "data.collate", "task.loss", "task.step",
                "task.metrics", "optimizer.name", "scheduler.name")  # fmt: skip
+#: Upper bounds of the integer settings: far beyond any sensible run, low enough that a typo
+#: (an extra zero run, ``1e23``) is refused at once instead of training forever or
+#: allocating terabytes. Seeds stay below 2**31 so ``seed + member / study seed index``
+#: stays a valid NumPy / scikit-learn seed (< 2**32).
+MAX_EPOCHS = 1_000_000
+MAX_STEPS = 1_000_000  # patience, warmup, accumulate, every-n-steps counts
+MAX_BATCH = 2**24
+MAX_WIDTH = 1_000_000
+MAX_LAYERS = 1_000
+MAX_CHANNELS = 4_096
+MAX_SEED = 2**31 - 1
+MAX_MEMBERS = 1_000
+MAX_KEEP = 10_000
+MAX_WINDOW = 10_000
 
 
 def _torch_class(module: str, name: str, base: str) -> bool:
@@ -38,7 +53,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are refused, and so is every NaN or Inf float (``allow_inf_nan=False``);
+    a field where Inf means something says so with ``Field(allow_inf_nan=True)``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -55,18 +73,36 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     train_fraction: float | None = Field(None, gt=0, le=1, description="keep part of train")
-    train_size: int | None = Field(None, ge=1, description="keep this many training samples")
+    train_size: int | None = Field(
+        None, ge=1, le=10**12, description="keep this many training samples"
+    )
 
 
 class ModelConfig(Section):
     target: str | None = Field(None, description="'module:Class' or 'file.py:Class' (user model)")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword args of the target")
     kind: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
+    hidden: list[int] = Field(
+        default_factory=lambda: [256, 256],
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description=f"hidden layer widths, each in [1, {MAX_WIDTH}]",
+    )
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
     norm: Literal["none", "batch", "layer"] = "none"
     dropout: float | list[float] = Field(0.0, description="one rate or one per hidden layer")
-    channels: int = Field(32, ge=1, description="cnn only")
+    channels: int = Field(32, ge=1, le=MAX_CHANNELS, description="cnn only")
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths_in_range(cls, hidden: list[int]) -> list[int]:
+        bad = [w for w in hidden if not 1 <= w <= MAX_WIDTH]
+        if bad:
+            raise ValueError(
+                f"every width must be in [1, {MAX_WIDTH}]; layer {hidden.index(bad[0])} "
+                f"is {_short(bad[0])}"
+            )
+        return hidden
 
     @model_validator(mode="after")
     def _rates_in_range(self) -> ModelConfig:
@@ -144,6 +180,24 @@ class TaskConfig(Section):
             f"unknown loss {loss!r}; accepted: {', '.join(LOSS_NAMES)} or 'module:function'"
         )
 
+    @model_validator(mode="after")
+    def _loss_fits_kind(self) -> TaskConfig:
+        """A built-in loss of the other kind fails in the first batch (float targets for
+        cross-entropy, logits against labels for MSE); a ``step`` hook may adapt them."""
+        if self.step is not None or self.loss is None or ":" in self.loss:
+            return self
+        if self.kind == "regression" and self.loss == "cross_entropy":
+            raise ValueError(
+                'loss "cross_entropy" takes class labels, but kind is "regression"; accepted '
+                'there: mse, l1, huber, bce_with_logits (or kind = "classification")'
+            )
+        if self.kind == "classification" and self.loss in ("mse", "l1", "huber"):
+            raise ValueError(
+                f'loss "{self.loss}" is a regression loss, but kind is "classification"; '
+                'accepted there: cross_entropy, bce_with_logits (or kind = "regression")'
+            )
+        return self
+
 
 class RegularizationConfig(Section):
     l1: float = Field(0.0, ge=0)
@@ -167,8 +221,8 @@ class DropoutConfig(Section):
 class ClipConfig(Section):
     mode: Literal["none", "value", "norm", "adaptive", "auto", "zscore"] = "none"
     value: float = Field(1.0, gt=0)
-    max_norm: float = Field(1.0, gt=0, description="inf means no clipping")
-    norm_type: float = Field(2.0, gt=0)
+    max_norm: float = Field(1.0, gt=0, allow_inf_nan=True, description="inf means no clipping")
+    norm_type: float = Field(2.0, gt=0, allow_inf_nan=True, description="inf: the max norm")
     clipping: float = Field(0.01, gt=0, description="adaptive")
     percentile: float = Field(10.0, gt=0, le=100, description="auto")
     z: float = Field(2.5, gt=0, description="zscore")
@@ -177,9 +231,9 @@ class ClipConfig(Section):
 class GradientsConfig(Section):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     skip_nonfinite: bool = True
-    accumulate: int = Field(1, ge=1)
+    accumulate: int = Field(1, ge=1, le=MAX_STEPS)
     monitor: bool = False
-    monitor_every: int = Field(10, ge=1)
+    monitor_every: int = Field(10, ge=1, le=MAX_STEPS)
 
 
 class EarlyStoppingConfig(Section):
@@ -188,15 +242,15 @@ class EarlyStoppingConfig(Section):
     mode: Literal["min", "max"] | None = Field(
         None, description="default: from the monitor's name (val_loss min, val_acc max, ...)"
     )
-    patience: int = Field(7, ge=1)
+    patience: int = Field(7, ge=1, le=MAX_STEPS)
     min_delta: float = Field(0.0, ge=0)
     delta_mode: Literal["abs", "rel"] = "abs"
     baseline: float | None = Field(None, description="must beat this to count")
-    warmup: int = Field(0, ge=0, description="checks before which nothing counts")
+    warmup: int = Field(0, ge=0, le=MAX_STEPS, description="checks before which nothing counts")
     stopping_threshold: float | None = Field(None, description="stop once this good")
     divergence_threshold: float | None = Field(None, description="stop once this bad")
     smoothing: Literal["none", "ema", "median"] = "none"
-    window: int = Field(5, ge=1, description="smoothing window")
+    window: int = Field(5, ge=1, le=MAX_WINDOW, description="smoothing window")
     nan_policy: Literal["stop", "worst", "raise"] = "stop"
     restore_best: bool = True
 
@@ -225,15 +279,15 @@ class EarlyStoppingConfig(Section):
 
 class CheckpointConfig(Section):
     enabled: bool = False
-    keep_last: int = Field(2, ge=1)
-    keep_best: int = Field(1, ge=0)
+    keep_last: int = Field(2, ge=1, le=MAX_KEEP)
+    keep_best: int = Field(1, ge=0, le=MAX_KEEP)
 
 
 class EMAConfig(Section):
     enabled: bool = False
     decay: float = Field(0.999, gt=0, lt=1)
     warmup: bool = True
-    update_every: int = Field(1, ge=1)
+    update_every: int = Field(1, ge=1, le=MAX_STEPS)
     buffers: Literal["copy", "average"] = "copy"
 
 
@@ -241,14 +295,14 @@ class SWAConfig(Section):
     enabled: bool = False
     start: float = Field(0.75, gt=0, lt=1, description="fraction of epochs before averaging")
     lr: float | None = Field(None, gt=0, description="SWA learning rate (default: optimizer lr)")
-    anneal_epochs: int = Field(5, ge=1)
+    anneal_epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
 
 
 class EnsembleConfig(Section):
-    members: int = Field(0, ge=0, description="0 or 1: no ensemble")
+    members: int = Field(0, ge=0, le=MAX_MEMBERS, description="0 or 1: no ensemble")
     diversity: Literal["seeds", "bagging", "snapshot"] = "seeds"
     combine: Literal["mean_prob", "mean_logit", "vote", "geometric"] = "mean_prob"
-    jobs: int = Field(1, ge=1)
+    jobs: int = Field(1, ge=1, le=256)
 
 
 class DistributedConfig(Section):
@@ -260,14 +314,14 @@ class DistributedConfig(Section):
 class RunConfig(Section):
     """One training run."""
 
-    seed: int = Field(0, ge=0)
-    device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N | mps")
     precision: Literal["32", "bf16", "16-mixed"] = Field(
         "32", description="autocast dtype; 16-mixed adds a GradScaler"
     )
     compile: bool = Field(False, description="torch.compile the model")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -292,9 +346,9 @@ class RunConfig(Section):
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
-        if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        if re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,4})?", device):
             return device
-        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps")
+        raise ValueError(f"unknown device {_short(device)}; accepted: auto, cpu, cuda, cuda:N, mps")
 
     @model_validator(mode="after")
     def _one_scheduler(self) -> RunConfig:
@@ -303,6 +357,28 @@ class RunConfig(Section):
                 "optimizer.scheduler and scheduler.name are both set; use [scheduler] only"
             )
         return self
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters; safe for integers of any size.
+
+    Example:
+        >>> _short(10**300), _short("x" * 100, 10)
+        ('an integer of 301 digits', "'xxxxxx...")
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    if len(text) <= limit:
+        return text
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"an integer of {len(text.lstrip('-'))} digits"
+    return text[: limit - 3] + "..."
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _accepted(model: type[BaseModel], loc: tuple) -> str:
@@ -316,18 +392,57 @@ def _accepted(model: type[BaseModel], loc: tuple) -> str:
     return ", ".join(model.model_fields)
 
 
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key; accepted here: {_accepted(RunConfig, e['loc'])}")
+#: How pydantic tags the members of a union in an error's location (``float``, ``list[float]``).
+_UNION_TAG = re.compile(r"(int|float|str|bool|none|(list|dict|tuple|set|literal)\[.*\])")
+
+
+def _key(loc: tuple) -> tuple[str, list[str]]:
+    """The dotted key of an error location (``model.hidden[0]``) and the union tags in it."""
+    key, tags = "", []
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif _UNION_TAG.fullmatch(str(part)):
+            tags.append(str(part))
         else:
-            got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg[0].lower() + msg[1:]}{shown}")
+            key += ("." if key else "") + str(part)
+    return _cut(key or "config"), tags
+
+
+def _format(err: ValidationError) -> str:
+    """One line per problem; the members of a union (``float | list[float]``) make one line."""
+    lines: list[str] = []
+    by_key: dict[str, list[tuple[dict, list[str]]]] = {}
+    for e in err.errors():
+        key, tags = _key(e["loc"])
+        by_key.setdefault(key.partition("[")[0] if tags else key, []).append((e, tags))
+    for group in by_key.values():
+        if any(tags for _, tags in group) and len(group) > 1:
+            wrong_value = [(e, t) for e, t in group if not e["type"].endswith("_type")]
+            if not wrong_value:  # no member of the union took the value's type
+                e = group[0][0]
+                names = " or ".join(dict.fromkeys(t[-1] for _, t in group if t))
+                key, _ = _key(e["loc"])
+                lines.append(f"{key}: input should be {names}{_got(e)}")
+                continue
+            group = wrong_value
+        for e, _ in group:
+            lines.append(_line(e))
     return "\n".join(lines)
+
+
+def _got(e: dict) -> str:
+    got = e.get("input")
+    return "" if isinstance(got, dict) or _short(got) in e["msg"] else f" (got {_short(got)})"
+
+
+def _line(e: dict) -> str:
+    key, _ = _key(e["loc"])
+    if e["type"] == "extra_forbidden":
+        key = _cut(key, 40)  # the line goes on with every accepted key
+        return f"{key}: unknown key; accepted here: {_accepted(RunConfig, e['loc'])}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg[0].lower() + msg[1:]}{_got(e)}"
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:
@@ -338,27 +453,76 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format(err)) from None
 
 
+def _toml_problem(err: Exception) -> str:
+    """What went wrong when tomllib could not read a text: one short phrase."""
+    if isinstance(err, RecursionError):
+        return "arrays or tables nested too deeply"
+    digits = re.search(r"value has (\d+) digits", str(err))
+    if digits:
+        return (
+            f"an integer with {digits.group(1)} digits, more than Python reads "
+            f"({sys.get_int_max_str_digits()}); no setting takes such a number"
+        )
+    return _cut(str(err).splitlines()[0] if str(err) else type(err).__name__, 120)
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value: TOML syntax when it parses (1e-3, true, [1, 2], "x"), else a string.
+
+    A value TOML cannot hold at all (an integer of thousands of digits, thousands of nested
+    brackets) is a ``ConfigError``.
 
     Example:
         >>> parse_value("1e-3"), parse_value("[64, 64]"), parse_value("adamw"), parse_value("inf")
         (0.001, [64, 64], 'adamw', inf)
     """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"value {_short(text, 40)}: {_toml_problem(err)}") from None
+    # a line break could smuggle in more keys ("1\nepochs = 5"): then it is just text
+    return parsed["v"] if list(parsed) == ["v"] else text
+
+
+def _field_kind(model: type[BaseModel] | None, name: str) -> type[BaseModel] | str:
+    """A section's field: its sub-section, ``"table"`` (a free dict), ``"value"`` or
+    ``"unknown"`` (left to validation, which lists the accepted keys)."""
+    if model is None:
+        return "table"
+    field = model.model_fields.get(name)
+    if field is None:
+        return "unknown"
+    annotation = field.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = getattr(annotation, "__origin__", None)
+    return "table" if annotation is Any or origin is dict else "value"
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``raw["a"]["b"] = value`` for ``dotted == "a.b"``, creating tables as needed."""
+    """Set ``raw["a"]["b"] = value`` for ``dotted == "a.b"``, creating tables as needed.
+
+    A part that the schema knows as a plain value (``epochs.x``) or an empty part
+    (``a..b``) is a ``ConfigError``.
+    """
     *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
+    if not all(part.strip() for part in [*parents, leaf]):
+        raise ConfigError(f"{_cut(dotted)}: empty key part; expected section.key=value")
+    node: dict[str, Any] = raw
+    model: type[BaseModel] | None = RunConfig
+    for i, part in enumerate(parents):
+        kind = _field_kind(model, part)
+        if kind == "value":
+            where = ".".join(parents[: i + 1])
+            raise ConfigError(
+                f"{_cut(dotted)}: {where!r} is a value, not a section; set {where}=<value>"
+            )
+        model = kind if isinstance(kind, type) else None
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+            raise ConfigError(f"{_cut(dotted)}: {part!r} is a value, not a section")
         node = child
     node[leaf] = value
 
@@ -372,22 +536,49 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
         for item in overrides:
             key, sep, text = item.partition("=")
             if not sep or not key.strip():
-                raise ConfigError(f"--set {item!r}: expected section.key=value")
-            pairs.append((key.strip(), parse_value(text.strip())))
+                raise ConfigError(f"--set {_short(item)}: expected section.key=value")
+            try:
+                pairs.append((key.strip(), parse_value(text.strip())))
+            except ConfigError as err:
+                raise ConfigError(f"--set {_cut(key.strip())}: {err}") from None
     for key, value in pairs:
         set_path(raw, key, value)
     return raw
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """The raw dict of a TOML config file, with a one-line error when it is unreadable."""
+    """The raw dict of a TOML config file, with a one-line error when it is unreadable.
+
+    An empty file is a valid config (every default), as TOML has it.
+    """
     path = Path(path)
+    shown = _cut(str(path))
+    if path.is_dir():
+        raise ConfigError(f"config file {shown!r} is a directory; expected a .toml file")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {shown!r} does not exist")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config file {shown!r} cannot be read: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path.name}: not UTF-8 text (byte 0x{data[err.start]:02x} on line "
+            f"{line}); TOML files are UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path.name}: not valid TOML ({err})") from None
+        raise ConfigError(
+            f"config file {path.name}: not valid TOML ({_toml_problem(err)})"
+        ) from None
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(
+            f"config file {path.name}: not usable TOML ({_toml_problem(err)})"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,34 +190,127 @@ def load_arrays(source: str, target: str | None = None) -> tuple[np.ndarray, np.
         source: ``"digits"``, ``"breast_cancer"``, ``"wine"``, or a path to a ``.csv``
             (needs ``target``: the label column) or ``.npz`` (arrays ``X`` and ``y``).
         target: the label column of a CSV file.
+
+    Raises:
+        ValueError: one line naming the file and what is wrong with it (unreadable, not a
+            CSV / NPZ, features that are not real numbers, ...).
     """
+    found = _load(source, target)
+    return found.x, found.y, found.name
+
+
+@dataclass
+class _Source:
+    """What a data source holds, with the names its messages use."""
+
+    x: np.ndarray
+    y: np.ndarray
+    name: str
+    features: list[str] | None = None  # CSV column names of x (None: 0-based indices)
+    label: str = "the target"  # how messages name y
+    where: str = "data"  # how messages name the source
+
+
+def _load(source: str, target: str | None) -> _Source:
     if source in EMBEDDED:
         bunch = EMBEDDED[source]()
-        return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), source
+        names = [str(n) for n in getattr(bunch, "feature_names", [])] or None
+        return _Source(np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target),
+                       source, names)  # fmt: skip
     path = Path(source)
     if path.suffix.lower() not in {".csv", ".npz"}:
         raise ValueError(
-            f"data.source {source!r} is neither an embedded dataset "
+            f"data.source {_cut(source)!r} is neither an embedded dataset "
             f"({', '.join(EMBEDDED)}) nor a .csv or .npz file"
         )
+    if path.is_dir():
+        raise ValueError(f"data.source {_cut(source)!r} is a directory; expected a file")
     if not path.is_file():
-        raise ValueError(f"data.source: file {source!r} does not exist")
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as arrays:
-            missing = {"X", "y"} - set(arrays.files)
-            if missing:
-                raise ValueError(
-                    f"data.source {source!r} must hold arrays 'X' and 'y'; "
-                    f"missing {sorted(missing)}"
-                )
-            x, y = np.asarray(arrays["X"], dtype=np.float64), np.asarray(arrays["y"])
-    else:
-        x, y = _read_csv(path, target)
-    return x, y, path.stem
+        raise ValueError(f"data.source: file {_cut(source)!r} does not exist")
+    try:
+        if path.suffix.lower() == ".npz":
+            x, y = _read_npz(path)
+            return _Source(x, y, path.stem, None, "array 'y'", f"data.source {path.name}")
+        x, y, features = _read_csv(path, target)
+        label = f"the target column {_show(target)}"
+        return _Source(x, y, path.stem, features, label, f"data.source {path.name}")
+    except OSError as err:
+        raise ValueError(
+            f"data.source {path.name}: cannot be read ({err.strerror or _first_line(err)})"
+        ) from None
 
 
-def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float64) and labels of a CSV with a header line; no cell may be empty.
+def _first_line(err: BaseException, limit: int = 100) -> str:
+    """A library's message cut to its first line and ``limit`` characters."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return _cut(text, limit)
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'s' * (n != 1)}"
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut for a one-line message."""
+    return _cut(repr(value), limit)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` (float64; real numbers only) and ``y`` of an ``.npz`` archive; never unpickles."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile):  # not zip, not .npy: numpy tries pickle
+        raise ValueError(
+            f"data.source {path.name}: not a NumPy .npz archive; write one with "
+            "np.savez(path, X=X, y=y)"
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"data.source {path.name}: holds a single array (a .npy file), not an .npz archive "
+            "with arrays 'X' and 'y'; write one with np.savez(path, X=X, y=y)"
+        )
+    with loaded as arrays:
+        missing = {"X", "y"} - set(arrays.files)
+        if missing:
+            raise ValueError(
+                f"data.source {path.name} must hold arrays 'X' and 'y'; missing "
+                f"{sorted(missing)} (it holds {_cut(str(sorted(arrays.files)), 60)})"
+            )
+        x, y = (_npz_array(arrays, key, path.name) for key in ("X", "y"))
+    if x.dtype.kind not in "biuf":
+        what = "complex numbers" if x.dtype.kind == "c" else f"dtype {x.dtype}"
+        raise ValueError(
+            f"data.source {path.name}: array 'X' holds {what}; features must be real "
+            "numbers (bool, integer or float)"
+        )
+    return x.astype(np.float64), y
+
+
+def _npz_array(arrays: Any, key: str, name: str) -> np.ndarray:
+    try:
+        return np.asarray(arrays[key])
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise ValueError(
+                f"data.source {name}: array {key!r} holds Python objects (dtype object), "
+                "which trainwell never unpickles; store numbers (or text labels in y)"
+            ) from None
+        raise ValueError(f"data.source {name}: array {key!r}: {_first_line(err)}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(
+            f"data.source {name}: array {key!r} cannot be read; the archive is damaged "
+            f"({_first_line(err, 60)})"
+        ) from None
+
+
+def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features (float64), labels and feature column names of a CSV with a header line.
+
+    No cell may be empty; the file must be UTF-8 text (a BOM is fine).
 
     Read with the ``csv`` module, so quoted fields work and a missing cell is seen as
     missing in every column (``np.genfromtxt`` fills an integer column's gap with -1).
@@ -225,37 +320,65 @@ def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("data.target is required for a CSV file: the name of the label column")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
-        if not header:
-            raise ValueError(f"data.source {path.name}: the file is empty; need a header line")
-        for i, name in enumerate(header):
-            if not name:
-                raise ValueError(
-                    f"data.source {path.name}: column {i + 1} of the header has no name"
-                )
-            if header.index(name) != i:
-                raise ValueError(f"data.source {path.name}: column {name!r} appears twice")
-        rows: list[list[str]] = []
-        for row in reader:
-            if not row:  # a blank line
-                continue
-            if len(row) > len(header):
-                raise ValueError(
-                    f"data.source {path.name}: line {reader.line_num} has {len(row)} cells, "
-                    f"the header {len(header)}"
-                )
-            cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
-            empty = next((j for j, cell in enumerate(cells) if not cell), None)
-            if empty is not None:
-                raise ValueError(
-                    f"data.source {path.name}: column {header[empty]!r} has an empty cell at "
-                    f"line {reader.line_num} of the file (data row {len(rows) + 1}; the first "
-                    "one); fill or drop missing values first"
-                )
-            rows.append(cells)
+        try:
+            header, rows = _csv_rows(path, reader)
+        except UnicodeDecodeError:
+            raise ValueError(f"data.source {path.name}: {_not_utf8(path)}") from None
+        except csv.Error as err:
+            raise ValueError(
+                f"data.source {path.name}: line {reader.line_num}: {_first_line(err)}"
+            ) from None
+    return _csv_arrays(path, target, header, rows)
+
+
+def _not_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        return f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8"
+    return "not UTF-8 text; save it as UTF-8"
+
+
+def _csv_rows(path: Path, reader: Any) -> tuple[list[str], list[list[str]]]:
+    """The header and the (stripped, complete) data rows of a CSV reader."""
+    header = [name.strip() for name in next(reader, [])]
+    if not header:
+        raise ValueError(f"data.source {path.name}: the file is empty; need a header line")
+    for i, name in enumerate(header):
+        if not name:
+            raise ValueError(f"data.source {path.name}: column {i + 1} of the header has no name")
+        if header.index(name) != i:
+            raise ValueError(f"data.source {path.name}: column {_show(name)} appears twice")
+    rows: list[list[str]] = []
+    for row in reader:
+        if not row:  # a blank line
+            continue
+        if len(row) > len(header):
+            raise ValueError(
+                f"data.source {path.name}: line {reader.line_num} has {len(row)} cells, "
+                f"the header {len(header)}"
+            )
+        cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
+        empty = next((j for j, cell in enumerate(cells) if not cell), None)
+        if empty is not None:
+            raise ValueError(
+                f"data.source {path.name}: column {_show(header[empty])} has an empty cell at "
+                f"line {reader.line_num} of the file (data row {len(rows) + 1}; the first "
+                "one); fill or drop missing values first"
+            )
+        rows.append(cells)
+    return header, rows
+
+
+def _csv_arrays(
+    path: Path, target: str, header: list[str], rows: list[list[str]]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if target not in header:
         raise ValueError(
-            f"data.target {target!r} is not a column of {path.name}; columns: {header}"
+            f"data.target {_show(target)} is not a column of {path.name}; columns: "
+            f"{_cut(str(header), 100)}"
         )
     if not rows:
         raise ValueError(f"data.source {path.name}: the file has a header but no data rows")
@@ -271,9 +394,9 @@ def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray]:
             bad = next(i for i, cell in enumerate(columns[name]) if not _is_float(cell))
             raise ValueError(
                 f"data.source {path.name}: every feature column must be numeric; column "
-                f"{name!r} holds {columns[name][bad]!r} (data row {bad + 1})"
+                f"{_show(name)} holds {_show(columns[name][bad])} (data row {bad + 1})"
             ) from None
-    return x, _typed(columns[target])
+    return x, _typed(columns[target]), features
 
 
 def _is_float(text: str) -> bool:
@@ -320,34 +443,109 @@ def _check_finite_features(arrays: dict[str, np.ndarray], scaled: bool) -> None:
         )
 
 
-def _encode_labels(y: np.ndarray) -> tuple[np.ndarray, int]:
-    check_class_labels(y, "data")
+def _encode_labels(y: np.ndarray, name: str = "the target") -> tuple[np.ndarray, int]:
+    check_class_labels(y, "data", name)
     classes, encoded = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"data: the labels hold a single class ({classes[0]!r}); need at least 2")
-    return encoded.astype(np.int64), len(classes)
+        raise ValueError(
+            f"data: the labels hold a single class ({_show(classes[0])}); need at least 2"
+        )
+    return encoded.reshape(-1).astype(np.int64), len(classes)
 
 
-def check_class_labels(y: np.ndarray, where: str) -> None:
-    """Refuse targets that look continuous under classification (never a silent
-    many-class classifier): fractional floats, or classes seen only once each."""
+def check_class_labels(y: np.ndarray, where: str, name: str = "the target") -> None:
+    """Refuse targets that are not one class label per row under classification (never a
+    silent many-class classifier): several columns, complex numbers, NaN / Inf, fractional
+    floats, or classes seen only once each. Every message is one line naming ``where``
+    (the config key) and ``name`` (the column or array)."""
+    regression = 'for regression set task.kind = "regression"'
+    if y.ndim != 1:
+        per_row = math.prod(y.shape[1:])
+        raise ValueError(
+            f"{where}: {name} has shape {tuple(y.shape)}, but classification takes one class "
+            f"label per row, shape ({len(y)},) (one-hot: y.argmax(axis=1)); for {per_row} "
+            f'regression targets per row set task.kind = "regression"'
+        )
     if y.dtype.kind == "c":
-        raise ValueError(f"{where}: complex targets are not class labels")
+        raise ValueError(f"{where}: {name} holds complex numbers; they are not class labels")
+    if y.dtype.kind not in "biufUS":
+        raise ValueError(f"{where}: {name} has dtype {y.dtype}; class labels are integers or text")
     if y.dtype.kind == "f":
-        fractional = y[np.isfinite(y) & (y != np.round(y))]
+        finite = np.isfinite(y)
+        if not finite.all():
+            raise ValueError(
+                f"{where}: {name} holds NaN or Inf in {_rows(int((~finite).sum()))} (the first at "
+                f"index {int(np.flatnonzero(~finite)[0])}); every row needs a class label"
+            )
+        fractional = y[y != np.round(y)]
         if fractional.size:
             raise ValueError(
-                f"{where}: the targets look continuous (e.g. {float(fractional[0]):g}), but "
-                'task.kind is "classification"; set [task] kind = "regression"'
+                f"{where}: {name} has {np.unique(fractional).size} distinct non-integer values "
+                f"(e.g. {float(fractional[0]):g}) under classification; {regression}; "
+                "classification needs integer class labels"
             )
     values, counts = np.unique(y, return_counts=True)
     once = int((counts < 2).sum())
     if once:
         raise ValueError(
-            f"{where}: {len(values)} distinct target values, {once} of them seen only once; "
-            'this looks like a continuous target: set [task] kind = "regression" (classes '
-            "need at least 2 samples each for the stratified split)"
+            f"{where}: {name} has {len(values)} distinct values, {once} of them seen only once; "
+            f'a continuous target needs task.kind = "regression"; classes need 2+ samples each'
         )
+
+
+def split_size_error(n: int, labels: np.ndarray | None, val: float, test: float) -> ValueError:
+    """The error for too few samples to split, in the config's terms (to be raised)."""
+    fractions = f"data.val_fraction = {val:g}, data.test_fraction = {test:g}"
+    if labels is None:
+        return ValueError(
+            f"data: {n} samples are too few for a train / val / test split with {fractions}; "
+            "each split needs at least one sample"
+        )
+    k = len(np.unique(labels))
+    return ValueError(
+        f"data: {n} samples are too few for a train / val / test split stratified over {k} "
+        f"classes with {fractions}; each split needs at least one sample per class"
+    )
+
+
+def _check_shapes(found: _Source) -> None:
+    """X of shape (rows, features) with rows >= 1, and one target per row."""
+    x, y, where = found.x, found.y, found.where
+    if y.ndim == 0:
+        raise ValueError(f"{where}: {found.label} is a single value; need one target per row")
+    if x.ndim != 2:
+        raise ValueError(
+            f"{where}: X has shape {tuple(x.shape)}; features must be 2-D (rows, features)"
+        )
+    if len(x) != len(y):
+        raise ValueError(
+            f"{where}: X has {len(x)} rows but {found.label} {len(y)}; need one target per row"
+        )
+    if len(x) == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"{where}: no data (X has shape {tuple(x.shape)}); need rows and feature columns"
+        )
+
+
+def _check_finite_input(found: _Source) -> None:
+    """Refuse NaN / Inf features, naming the columns (a NaN loss later is worse)."""
+    broken = ~np.isfinite(found.x)
+    if not broken.any():
+        return
+    rows = int(broken.any(axis=1).sum())
+    columns = np.flatnonzero(broken.any(axis=0))
+    if found.features is not None:
+        named = [found.features[j] for j in columns[:5]]
+        shown = f"columns {_cut(str(named), 80)}"
+    else:
+        shown = f"feature columns {_cut(str(columns[:8].tolist()), 60)} (0-based) of X"
+    more = (
+        f" and {len(columns) - 5} more" if found.features is not None and len(columns) > 5 else ""
+    )
+    raise ValueError(
+        f"{found.where}: {_rows(rows)} of features hold NaN or Inf, in {shown}{more}; "
+        "clean or impute them first"
+    )
 
 
 def split_indices(
@@ -355,16 +553,19 @@ def split_indices(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded train / val / test indices, stratified by ``labels`` when given."""
     index = np.arange(n)
-    rest, test = train_test_split(
-        index, test_size=test_fraction, stratify=labels, random_state=seed
-    )
-    val_share = val_fraction / (1.0 - test_fraction)
-    train, val = train_test_split(
-        rest,
-        test_size=val_share,
-        stratify=labels[rest] if labels is not None else None,
-        random_state=seed,
-    )
+    try:
+        rest, test = train_test_split(
+            index, test_size=test_fraction, stratify=labels, random_state=seed
+        )
+        val_share = val_fraction / (1.0 - test_fraction)
+        train, val = train_test_split(
+            rest,
+            test_size=val_share,
+            stratify=labels[rest] if labels is not None else None,
+            random_state=seed,
+        )
+    except ValueError:  # scikit-learn: a split would be empty or miss a class
+        raise split_size_error(n, labels, val_fraction, test_fraction) from None
     return train, val, test
 
 
@@ -390,6 +591,12 @@ def subsample_indices(
         raise ValueError(
             f"data.train_fraction/train_size keeps {keep} samples, fewer than the "
             f"{n_classes} classes; keep at least one per class"
+        )
+    if n - keep < n_classes:  # the stratified split needs one left-out sample per class
+        raise ValueError(
+            f"data.train_fraction/train_size keeps {keep} of {n} training samples, leaving "
+            f"out {n - keep}, fewer than the {n_classes} classes; keep at most "
+            f"{n - n_classes} or all {n}"
         )
     kept, _ = train_test_split(index, train_size=keep, stratify=labels, random_state=seed)
     return kept
@@ -420,26 +627,29 @@ def load_splits(
         raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
     if train_size is not None and train_size < 1:
         raise ValueError(f"data.train_size must be a positive integer, got {train_size}")
-    x, y_raw, name = load_arrays(source, target)
-    if x.ndim != 2 or len(x) != len(y_raw):
-        raise ValueError(
-            f"data: X must be 2-D with one row per label; got {x.shape} rows vs {len(y_raw)}"
-        )
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise ValueError(
-            f"data: {bad} rows of features hold NaN or Inf; clean or impute them first"
-        )
+    found = _load(source, target)
+    x, y_raw, name = found.x, found.y, found.name
+    _check_shapes(found)
+    _check_finite_input(found)
     if task == "classification":
-        y, n_classes = _encode_labels(y_raw)
+        if y_raw.ndim == 2 and y_raw.shape[1] == 1:
+            y_raw = y_raw[:, 0]  # shape (n, 1): already one label per row
+        y, n_classes = _encode_labels(y_raw, found.label)
         labels: np.ndarray | None = y
     else:
-        try:
+        if y_raw.dtype.kind not in "biuf":
+            what = "complex numbers" if y_raw.dtype.kind == "c" else f"dtype {y_raw.dtype}"
+            raise ValueError(
+                f"data: {found.label} holds {what}; regression targets must be real numbers"
+            )
+        with np.errstate(over="ignore"):  # beyond float32 is Inf: refused next
             y = np.asarray(y_raw, dtype=np.float32)
-        except ValueError:
-            raise ValueError("data: regression targets must be numbers") from None
         if not np.isfinite(y).all():
-            raise ValueError("data: some regression targets are NaN or Inf; clean them first")
+            bad = int((~np.isfinite(y)).reshape(len(y), -1).any(axis=1).sum())
+            raise ValueError(
+                f"data: {found.label} holds NaN or Inf in {_rows(bad)} (or beyond float32's "
+                "±3.4e38); clean them first"
+            )
         n_classes, labels = None, None
     train, val, test = split_indices(len(y), labels, val_fraction, test_fraction, seed)
     train = train[

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -11,6 +13,42 @@ from trainwell.regularization.dropout import Dropout
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+#: The most parameters a built-in model may have: 40 GB of float32 weights (160 GB with
+#: Adam's state), beyond any one accelerator; a larger one is a typo in ``model.hidden``.
+MAX_PARAMETERS = 10**10
+T = TypeVar("T")
+
+
+def _check_size(name: str, value: object) -> int:
+    """``value`` as a width, refusing what is not a whole number >= 1 (one line)."""
+    try:
+        size = operator.index(value)  # int, numpy integers; not 2.5, not "3"
+    except TypeError:
+        size = 0
+    if isinstance(value, bool) or size < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}"[:200])
+    return size
+
+
+def _check_parameters(count: int, what: str) -> None:
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"{what} would have {count:.3g} parameters ({count * 4 / 1e9:.3g} GB as float32), "
+            f"more than the {MAX_PARAMETERS:.0e} trainwell builds; use smaller widths"
+        )
+
+
+def _allocate(build: Callable[[], T], count: int, what: str) -> T:
+    """``build()``, with an out-of-memory error turned into one line naming the size."""
+    try:
+        return build()
+    except (RuntimeError, MemoryError) as err:
+        if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
+            raise
+        raise ValueError(
+            f"{what}: not enough memory for its {count:.3g} parameters "
+            f"({count * 4 / 1e9:.3g} GB as float32); use smaller widths"
+        ) from None
 
 
 def _dropout(p: float) -> nn.Module:
@@ -53,6 +91,9 @@ class MLP(nn.Sequential):
             )
         if norm not in NORMS:
             raise ValueError(f"model.norm must be one of {sorted(NORMS)}, got {norm!r}")
+        in_features = _check_size("the number of input features", in_features)
+        out_features = _check_size("the number of outputs (classes)", out_features)
+        hidden = [_check_size(f"model.hidden[{i}]", w) for i, w in enumerate(hidden)]
         rates = (
             [float(dropout)] * len(hidden) if isinstance(dropout, int | float) else list(dropout)
         )
@@ -60,16 +101,24 @@ class MLP(nn.Sequential):
             raise ValueError(
                 f"model.dropout needs one rate per hidden layer ({len(hidden)}), got {len(rates)}"
             )
-        layers: list[nn.Module] = []
-        width = in_features
-        for size, rate in zip(hidden, rates, strict=True):
-            layers.append(nn.Linear(width, size))
-            if NORMS[norm] is not None:
-                layers.append(NORMS[norm](size))
-            layers += [ACTIVATIONS[activation](), _dropout(rate)]
-            width = size
-        layers.append(nn.Linear(width, out_features))
-        super().__init__(*layers)
+        widths = [in_features, *hidden, out_features]
+        count = sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
+        what = f"model.hidden = {hidden} on {in_features} features"[:120]
+        _check_parameters(count, what)
+
+        def build() -> list[nn.Module]:
+            layers: list[nn.Module] = []
+            width = in_features
+            for size, rate in zip(hidden, rates, strict=True):
+                layers.append(nn.Linear(width, size))
+                if NORMS[norm] is not None:
+                    layers.append(NORMS[norm](size))
+                layers += [ACTIVATIONS[activation](), _dropout(rate)]
+                width = size
+            layers.append(nn.Linear(width, out_features))
+            return layers
+
+        super().__init__(*_allocate(build, count, what))
 
 
 class DigitsCNN(nn.Module):
@@ -82,6 +131,8 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, out_features: int = 10, channels: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
+        out_features = _check_size("the number of outputs (classes)", out_features)
+        channels = _check_size("model.channels", channels)
         self.features = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1),
             nn.BatchNorm2d(channels),

@@ -134,6 +134,8 @@ def regression_metrics() -> dict[str, Callable[[torch.Tensor, Any], float]]:
 
 def build_task(kind: str, loss: str | None, extra_metrics: list[str]) -> Task:
     """The :class:`Task` of a ``[task]`` section; entry points are resolved here."""
+    if kind not in DEFAULT_LOSS:
+        raise ValueError(f"task.kind must be 'classification' or 'regression', got {kind!r}")
     name = loss or DEFAULT_LOSS[kind]
     if name in LOSSES:
         fn = LOSSES[name]

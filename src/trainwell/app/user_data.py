@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
-from trainwell.app.data import Splits, check_class_labels, split_indices, subsample_indices
+from trainwell.app.data import (
+    Splits,
+    check_class_labels,
+    split_indices,
+    split_size_error,
+    subsample_indices,
+)
 from trainwell.app.entry_points import EntryPointError, call, resolve_callable
 
 SPLITS = ("train", "val", "test")
@@ -135,9 +141,12 @@ def _carve(
     share = val if missing == "val" else test
     from sklearn.model_selection import train_test_split
 
-    tr, held = train_test_split(
-        np.arange(len(train)), test_size=share, stratify=labels, random_state=seed
-    )
+    try:
+        tr, held = train_test_split(
+            np.arange(len(train)), test_size=share, stratify=labels, random_state=seed
+        )
+    except ValueError:  # scikit-learn: a split would be empty or miss a class
+        raise split_size_error(len(train), labels, val, test) from None
     out = dict(sets)
     out["train"], out[missing] = Subset(train, tr), Subset(train, held)
     return out  # type: ignore[return-value]
