@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from trainwell.app.data import load_arrays, load_splits, split_indices
+from trainwell.app.data import load_splits, split_indices
+from trainwell.app.data_files import load_arrays
 
 
 def test_split_is_stratified_seeded_and_scaled_on_train_only():
