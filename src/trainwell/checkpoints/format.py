@@ -14,6 +14,21 @@ write a temporary file in the same directory, ``fsync`` it, ``os.replace`` it ov
 target, ``fsync`` the directory. A crash at any instant leaves the old or the new complete
 file, never a truncated one; truncation or bit rot of a stored file raises
 ``CheckpointError`` on ``load``.
+
+Reading validates every part of the file before using it, because a damaged file must
+fail the same way wherever the damage is: the length prefix; the header as UTF-8 JSON;
+every header entry (``dtype`` a known name, ``shape`` a list of non-negative ints,
+``data_offsets`` two ints spanning exactly its bytes, the entries tiling the data section
+with no gap, overlap or tail); ``__metadata__`` a dict of strings; the manifest (its
+checksum, ``format``, ``version``, ``state_crc32``, ``tensors`` describing exactly the
+header's tensors, ``metadata`` a dict); text that UTF-8 can encode (a ``"\\ud800"``
+escape decodes to a lone surrogate, which it cannot); every JSON document at most
+``_MAX_DEPTH`` levels deep (checked by a scan before parsing, as ``json.loads`` recurses);
+and the decoded state (known tags, keys that name tensors, ``[key, value]`` pairs with
+hashable keys). So ``load``, ``read_metadata`` and ``verify`` fail only with
+``CheckpointError`` (or ``OSError`` when the file cannot be read), naming the file and
+the field; ``verify`` returns False for them. A seeded fuzzer in the test suite holds
+them to it (tests/checkpoints/test_fuzz.py).
 """
 
 from __future__ import annotations
@@ -22,12 +37,16 @@ import contextlib
 import json
 import math
 import os
+import re
+import reprlib
 import struct
 import tempfile
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
@@ -54,10 +73,49 @@ for _name in ("uint16", "uint32", "uint64"):
     if hasattr(torch, _name):
         _DTYPES[getattr(torch, _name)] = "U" + _name[4:]
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in _DTYPES}
+_NOT_IN_NUMPY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+#: The deepest nesting of JSON arrays and objects in a checkpoint (header, manifest, state).
+#: ``json.loads`` and the decoder recurse once per level (Python's limit: 1000 frames), so
+#: deeper text is refused before it is parsed. A str-keyed dict or a list is one level, a
+#: tuple two, a dict with other keys three; {model, optimizer, scheduler, RNG} states need 7.
+_MAX_DEPTH = 200
+_MAX_INT64 = 2**63 - 1
+_CRC32 = re.compile("[0-9a-f]{8}")
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string literal
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+_METADATA_FIELDS = ("trainwell_manifest", "trainwell_manifest_crc32", "trainwell_state")
+_MANIFEST_FIELDS = frozenset({"format", "version", "state_crc32", "tensors", "metadata"})
+_DESCRIPTION_FIELDS = frozenset({"dtype", "shape", "crc32"})
+_KEY_ENTRY_FIELDS = frozenset({_TAG, "key"})
+_ITEMS_ENTRY_FIELDS = frozenset({_TAG, "items"})
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is truncated, corrupt, or not a trainwell checkpoint."""
+
+
+class _Entry(NamedTuple):
+    """One tensor of the safetensors header: its dtype, shape and byte range."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+
+@dataclass
+class _Header:
+    """A validated header: tensor entries, manifest, JSON state text, where the data starts."""
+
+    entries: dict[str, _Entry]
+    manifest: dict[str, Any]
+    state: str
+    data_start: int
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -118,33 +176,12 @@ def _encode(obj: Any, tensors: _Tensors, where: str) -> Any:
         if isinstance(obj, np.generic):
             return _encode(obj.item(), tensors, where)
         if isinstance(obj, np.ndarray) and obj.dtype != object:
-            array = torch.from_numpy(np.ascontiguousarray(obj))
+            array = torch.from_numpy(np.ascontiguousarray(obj).reshape(obj.shape))  # 0-d too
             return {_TAG: "ndarray", "key": tensors.add(array, where)}
     raise TypeError(
         f"checkpoint state at {where!r}: cannot store a {type(obj).__name__}; accepted: dict, "
         "list, tuple, torch.Tensor, numpy array, int, float, str, bool, None, bytes"
     )
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    tag = obj.get(_TAG)
-    if tag is None:
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    if tag == "tensor":
-        return tensors[obj["key"]]
-    if tag == "dict":
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["items"]}
-    if tag == "tuple":
-        return tuple(_decode(v, tensors) for v in obj["items"])
-    if tag == "bytes":
-        return tensors[obj["key"]].numpy().tobytes()
-    if tag == "ndarray":
-        return tensors[obj["key"]].numpy()
-    raise CheckpointError(f"unknown entry type {tag!r} in the checkpoint state")
 
 
 def _u8(buf: bytearray) -> torch.Tensor:
@@ -195,6 +232,15 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 
 
 # --------------------------------------------------------------------------- save/load
+def _check_nesting(data: bytes, argument: str) -> None:
+    """Refuse to write what ``load`` would refuse: JSON nested deeper than _MAX_DEPTH."""
+    if _nesting(data) > _MAX_DEPTH:
+        raise ValueError(
+            f"checkpoint {argument} is nested too deeply: more than {_MAX_DEPTH} levels of JSON "
+            "(a list or str-keyed dict is one level, a tuple two, any other dict three)"
+        )
+
+
 def save(path: str | os.PathLike, state: Any, *, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``state`` atomically to ``path`` as a checksummed safetensors file.
 
@@ -213,6 +259,8 @@ def save(path: str | os.PathLike, state: Any, *, metadata: Mapping[str, Any] | N
     """
     tensors = _Tensors()
     doc = json.dumps(_encode(state, tensors, ""), separators=(",", ":"), allow_nan=True)
+    doc_bytes = doc.encode()
+    _check_nesting(doc_bytes, "state")
     header: dict[str, Any] = {}
     order = sorted(tensors.items, key=lambda k: -tensors.items[k].element_size())  # aligned
     entries, offset = {}, 0
@@ -227,16 +275,18 @@ def save(path: str | os.PathLike, state: Any, *, metadata: Mapping[str, Any] | N
         {
             "format": FORMAT,
             "version": VERSION,
-            "state_crc32": _crc(doc.encode()),
+            "state_crc32": _crc(doc_bytes),
             "tensors": entries,
             "metadata": dict(metadata or {}),
         },
         separators=(",", ":"),
         allow_nan=True,
     )
+    manifest_bytes = manifest.encode()
+    _check_nesting(manifest_bytes, "metadata")
     header["__metadata__"] = {
         "trainwell_manifest": manifest,
-        "trainwell_manifest_crc32": _crc(manifest.encode()),
+        "trainwell_manifest_crc32": _crc(manifest_bytes),
         "trainwell_state": doc,
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -251,6 +301,333 @@ def save(path: str | os.PathLike, state: Any, *, metadata: Mapping[str, Any] | N
     return atomic_write(path, write)
 
 
+# ------------------------------------------------------------------------ validation
+# A checkpoint is data from disk: every byte of it may be damaged. Each rule below checks
+# one part of the file; any violation is a CheckpointError that names the file and the
+# part, so ``load``, ``read_metadata`` and ``verify`` never fail with anything else.
+def _corrupt(path: Path, field: str, problem: str) -> CheckpointError:
+    """The error for a ``field`` of the file at ``path`` that breaks a rule."""
+    return CheckpointError(f"{path} is corrupt: {field} {problem}")
+
+
+def _show(value: Any) -> str:
+    """A short repr of a value read from a damaged file (it may be huge)."""
+    return _SHOW.repr(value)
+
+
+def _nesting(data: bytes) -> int:
+    """How deeply the JSON text ``data`` (UTF-8) nests arrays and objects.
+
+    A linear scan that cannot recurse, so it can run before ``json.loads`` (which recurses
+    once per level and raises ``RecursionError`` on deep input): drop the string literals,
+    keep the brackets, take the deepest running count. Exact for text that ``json.loads``
+    accepts (in UTF-8, a byte below 128 is always that ASCII character).
+    """
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def _parse_json(text: str, data: bytes, path: Path, field: str) -> Any:
+    """JSON ``text`` (``data`` in UTF-8), refused when malformed or deeper than _MAX_DEPTH."""
+    if _nesting(data) > _MAX_DEPTH:
+        raise _corrupt(path, field, f"is nested deeper than {_MAX_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or an integer with too many digits
+        raise _corrupt(path, field, f"is not valid JSON ({e})") from e
+
+
+def _utf8(text: str, path: Path, field: str) -> bytes:
+    """``text`` encoded as UTF-8; a lone surrogate (a ``"\\ud800"`` JSON escape) cannot be."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as e:
+        raise _corrupt(path, field, f"is not valid Unicode text ({e.reason} at {e.start})") from e
+
+
+def _header_text(f: BinaryIO, size: int, path: Path) -> tuple[str, bytes]:
+    """The JSON header (text and bytes) after its 8-byte little-endian length."""
+    head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    first = f.read(1) if 0 < n <= min(size - 8, _MAX_HEADER) else b""
+    if first != b"{":
+        _refuse(head, path)
+        raise CheckpointError(
+            f"{path} is truncated or not a trainwell checkpoint ({size} bytes, no valid header)"
+        )
+    raw = first + f.read(n - 1)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError as e:
+        raise _corrupt(path, "the header", f"is not valid UTF-8 ({e.reason} at {e.start})") from e
+
+
+def _dtype(name: Any, path: Path, field: str) -> torch.dtype:
+    """A dtype given by its safetensors name (``"F32"``, ``"BF16"``, ...)."""
+    if not isinstance(name, str) or name not in _NAMES:
+        raise _corrupt(path, field, f"must be a dtype name such as 'F32', got {_show(name)}")
+    return _NAMES[name]
+
+
+def _shape(shape: Any, path: Path, field: str) -> list[int]:
+    """A list of non-negative ints whose product fits torch's int64 sizes."""
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _corrupt(path, field, f"must be a list of non-negative ints, got {_show(shape)}")
+    numel = 1
+    for d in shape:
+        numel *= d or 1  # torch multiplies every size, so even an empty tensor must fit
+        if numel > _MAX_INT64:
+            raise _corrupt(path, field, f"is too large for a tensor: {_show(shape)}")
+    return shape
+
+
+def _crc_field(value: Any, path: Path, field: str) -> str:
+    """A CRC-32 written as 8 lowercase hex digits."""
+    if not isinstance(value, str) or not _CRC32.fullmatch(value):
+        raise _corrupt(path, field, f"must be a CRC-32 of 8 hex digits, got {_show(value)}")
+    return value
+
+
+def _exact_fields(obj: Any, fields: frozenset[str], path: Path, field: str) -> dict:
+    """A JSON object with exactly ``fields``."""
+    if not isinstance(obj, dict):
+        raise _corrupt(path, field, f"must be a JSON object, got {_show(obj)}")
+    if obj.keys() != fields:
+        missing, extra = sorted(fields - obj.keys()), sorted(obj.keys() - fields)
+        raise _corrupt(
+            path, field, f"must hold {sorted(fields)} (missing {missing}, extra {extra})"
+        )
+    return obj
+
+
+def _header_entry(key: str, entry: Any, path: Path) -> _Entry:
+    """A safetensors header entry: dtype, shape, and data_offsets that span its bytes."""
+    field = f"header entry {key!r:.60}"
+    entry = _exact_fields(entry, _ENTRY_FIELDS, path, field)
+    dtype = _dtype(entry["dtype"], path, f"{field} dtype")
+    shape = _shape(entry["shape"], path, f"{field} shape")
+    offsets = entry["data_offsets"]
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _corrupt(path, f"{field} data_offsets", f"must be [begin, end], got {_show(offsets)}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    if end - begin != nbytes:
+        raise _corrupt(
+            path, f"{field} data_offsets", f"span {end - begin} bytes, its dtype and shape {nbytes}"
+        )
+    return _Entry(dtype, shape, begin, end)
+
+
+def _check_layout(entries: Mapping[str, _Entry], data_size: int, size: int, path: Path) -> None:
+    """The tensors' byte ranges tile the data section: in order, no gap, no overlap, no tail."""
+    end = 0
+    for key, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != end:
+            problem = "overlaps another tensor" if entry.begin < end else "leaves a gap"
+            raise _corrupt(path, f"header entry {_show(key)} data_offsets", problem)
+        end = entry.end
+    if end != data_size:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: {size} bytes on disk, the header describes "
+            f"{size - data_size + end}"
+        )
+
+
+def _trainwell_metadata(meta: Any, path: Path) -> dict[str, str]:
+    """The header's ``__metadata__``: strings (as in safetensors), the trainwell ones present."""
+    if meta is None:
+        raise CheckpointError(
+            f"{path} is not a trainwell checkpoint: its header has no trainwell manifest"
+        )
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _corrupt(path, "__metadata__", f"must map names to strings, got {_show(meta)}")
+    for name in _METADATA_FIELDS:
+        if name not in meta:
+            raise _corrupt(path, f"__metadata__ {name}", "is missing")
+    return meta
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """Format and version first (a newer file gets a clear error), then every field's type."""
+    if not isinstance(manifest, dict):
+        raise _corrupt(path, "the manifest", f"must be a JSON object, got {_show(manifest)}")
+    fmt, version = manifest.get("format"), manifest.get("version")
+    if fmt != FORMAT or type(version) is not int or version != VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint format {_show(fmt)} version {_show(version)} "
+            f"(this trainwell reads {FORMAT!r} version {VERSION})"
+        )
+    _exact_fields(manifest, _MANIFEST_FIELDS, path, "the manifest")
+    _crc_field(manifest["state_crc32"], path, "manifest state_crc32")
+    tensors = manifest["tensors"]
+    if not isinstance(tensors, dict):
+        raise _corrupt(path, "manifest tensors", f"must be a JSON object, got {_show(tensors)}")
+    for key, description in tensors.items():
+        field = f"manifest tensor {key!r:.60}"
+        _exact_fields(description, _DESCRIPTION_FIELDS, path, field)
+        _dtype(description["dtype"], path, f"{field} dtype")
+        _shape(description["shape"], path, f"{field} shape")
+        _crc_field(description["crc32"], path, f"{field} crc32")
+    if not isinstance(manifest["metadata"], dict):
+        raise _corrupt(
+            path, "manifest metadata", f"must be a JSON object, got {_show(manifest['metadata'])}"
+        )
+
+
+def _check_descriptions(entries: Mapping[str, _Entry], manifest: dict, path: Path) -> None:
+    """The manifest describes exactly the header's tensors, with the same dtypes and shapes."""
+    described = manifest["tensors"]
+    if entries.keys() != described.keys():
+        missing = sorted(described.keys() - entries.keys())[:3]
+        extra = sorted(entries.keys() - described.keys())[:3]
+        raise _corrupt(
+            path, "the header", f"names other tensors than the manifest ({missing=}, {extra=})"
+        )
+    for key, entry in entries.items():
+        expect = described[key]
+        if (_DTYPES[entry.dtype], entry.shape) != (expect["dtype"], expect["shape"]):
+            raise _corrupt(path, f"header entry {_show(key)}", "disagrees with the manifest")
+
+
+def _read_header(f: BinaryIO, path: Path) -> _Header:
+    """The validated header: tensor entries, manifest (checksum verified) and JSON state."""
+    size = os.fstat(f.fileno()).st_size
+    text, raw = _header_text(f, size, path)
+    header = _parse_json(text, raw, path, "the header")
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header", f"must be a JSON object, got {_show(header)}")
+    meta = _trainwell_metadata(header.pop("__metadata__", None), path)
+    manifest_text = meta["trainwell_manifest"]
+    manifest_bytes = _utf8(manifest_text, path, "__metadata__ trainwell_manifest")
+    if _crc(manifest_bytes) != meta["trainwell_manifest_crc32"]:
+        raise CheckpointError(f"{path}: manifest checksum mismatch (the file is corrupt)")
+    manifest = _parse_json(manifest_text, manifest_bytes, path, "the manifest")
+    _check_manifest(manifest, path)
+    entries = {key: _header_entry(key, entry, path) for key, entry in header.items()}
+    start = 8 + len(raw)
+    _check_layout(entries, size - start, size, path)
+    _check_descriptions(entries, manifest, path)
+    return _Header(entries, manifest, meta["trainwell_state"], start)
+
+
+# ---------------------------------------------------------------------------- decoding
+# Where a value sits in the state, for error messages: () for the root, else
+# (parent, key). Built in O(1) per container and rendered only when something is wrong.
+_Where = tuple
+
+
+def _entry(where: _Where) -> str:
+    """``where`` as a field name, e.g. ``state entry /optimizer/state/0``."""
+    keys = []
+    while where:
+        where, key = where
+        keys.append(key[:40] if isinstance(key, str) else _show(key))
+    return "state entry /" + "/".join(reversed(keys))
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], path: Path, where: _Where) -> Any:
+    """The value that ``_encode`` wrote as the JSON ``obj`` (at ``where`` in the state).
+
+    JSON scalars, lists and str-keyed objects stand for themselves; an object with the
+    ``"__tw__"`` tag is a tensor, bytes or numpy array (``{"__tw__": tag, "key": name}``,
+    naming a tensor of the file) or a tuple or a dict with any hashable keys
+    (``{"__tw__": tag, "items": [...]}``). Anything else is a CheckpointError.
+    """
+    if isinstance(obj, list):  # (scalars stand for themselves, without a call)
+        return [
+            _decode(v, tensors, path, (where, i)) if isinstance(v, (list, dict)) else v
+            for i, v in enumerate(obj)
+        ]
+    if not isinstance(obj, dict):
+        return obj
+    if _TAG not in obj:
+        return {
+            k: _decode(v, tensors, path, (where, k)) if isinstance(v, (list, dict)) else v
+            for k, v in obj.items()
+        }
+    tag = obj[_TAG]
+    if tag in ("tensor", "bytes", "ndarray"):
+        return _tagged_tensor(obj, tensors, path, where)
+    if tag == "tuple":
+        items = _tagged_items(obj, path, where)
+        return tuple(
+            _decode(v, tensors, path, (where, i)) if isinstance(v, (list, dict)) else v
+            for i, v in enumerate(items)
+        )
+    if tag == "dict":
+        return _decode_dict(_tagged_items(obj, path, where), tensors, path, where)
+    raise _corrupt(path, _entry(where), f"has an unknown type {_show(tag)}")
+
+
+def _tagged_tensor(
+    obj: dict, tensors: Mapping[str, torch.Tensor], path: Path, where: _Where
+) -> Any:
+    """``{"__tw__": "tensor" | "bytes" | "ndarray", "key": name}``: the tensor ``name``.
+
+    Bytes are stored as a 1-D uint8 tensor; a numpy array needs a dtype numpy has.
+    """
+    tag = obj[_TAG]
+    if obj.keys() != _KEY_ENTRY_FIELDS:
+        raise _corrupt(path, _entry(where), f"must hold exactly {sorted(_KEY_ENTRY_FIELDS)}")
+    key = obj["key"]
+    if not isinstance(key, str) or key not in tensors:
+        raise _corrupt(path, f"{_entry(where)} key", f"names no tensor of the file: {_show(key)}")
+    t = tensors[key]
+    if tag == "tensor":
+        return t
+    if tag == "bytes":
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise _corrupt(path, _entry(where), f"holds bytes, but {_show(key)} is not 1-D uint8")
+        return t.cpu().numpy().tobytes()
+    if t.dtype in _NOT_IN_NUMPY:
+        raise _corrupt(path, _entry(where), f"holds a numpy array, but numpy has no {t.dtype}")
+    return t.cpu().numpy()
+
+
+def _tagged_items(obj: dict, path: Path, where: _Where) -> list:
+    """``{"__tw__": "dict" | "tuple", "items": [...]}``: the list of items."""
+    if obj.keys() != _ITEMS_ENTRY_FIELDS:
+        raise _corrupt(path, _entry(where), f"must hold exactly {sorted(_ITEMS_ENTRY_FIELDS)}")
+    items = obj["items"]
+    if not isinstance(items, list):
+        raise _corrupt(path, f"{_entry(where)} items", f"must be a list, got {_show(items)}")
+    return items
+
+
+def _decode_dict(
+    items: list, tensors: Mapping[str, torch.Tensor], path: Path, where: _Where
+) -> dict[Any, Any]:
+    """A dict from ``[key, value]`` pairs; each key hashable and different from the others."""
+    decoded: dict[Any, Any] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, list) or len(item) != 2:
+            problem = f"must be a [key, value] pair, got {_show(item)}"
+            raise _corrupt(path, f"{_entry(where)} item {i}", problem)
+        key = _decode(item[0], tensors, path, (where, f"[key {i}]"))
+        if not _hashable(key):
+            problem = f"has a key that cannot be a dict key: {_show(key)}"
+            raise _corrupt(path, f"{_entry(where)} item {i}", problem)
+        if key in decoded:
+            raise _corrupt(path, f"{_entry(where)} item {i}", f"repeats the key {_show(key)}")
+        decoded[key] = _decode(item[1], tensors, path, (where, key))
+    return decoded
+
+
+def _hashable(value: Any) -> bool:
+    """Whether ``value`` can be a dict key (a tuple holding a list cannot)."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------ reading
 def _refuse(head: bytes, path: Path) -> None:
     if head[:4] == b"PK\x03\x04":
         kind = "a zip archive (the torch.save format, which holds a pickle)"
@@ -265,63 +642,35 @@ def _refuse(head: bytes, path: Path) -> None:
     )
 
 
-def _offsets(entry: Any) -> tuple[int, int]:
-    """The (begin, end) byte range of a well-formed header entry, else (-1, -1)."""
-    try:
-        begin, end = entry["data_offsets"]
-        shape, dtype = entry["shape"], _NAMES[entry["dtype"]]
-        numel = math.prod(shape) if all(type(d) is int and d >= 0 for d in shape) else -1
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        ok = type(begin) is type(end) is int and begin >= 0 and end - begin == numel * itemsize
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    return (begin, end) if ok else (-1, -1)
+def _read_tensors(
+    f: BinaryIO, header: _Header, path: Path, device: str | torch.device | None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, its CRC-32 verified (one read into one buffer per tensor)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, entry in header.entries.items():
+        buf = bytearray(entry.end - entry.begin)
+        f.seek(header.data_start + entry.begin)
+        if f.readinto(buf) != len(buf) or _crc(buf) != header.manifest["tensors"][key]["crc32"]:
+            raise CheckpointError(f"{path}: checksum mismatch in tensor {_show(key)} (corrupt)")
+        t = _u8(buf).view(entry.dtype).reshape(entry.shape)
+        tensors[key] = t.to(device) if device is not None else t
+    return tensors
 
 
-def _read_header(f: BinaryIO, path: Path) -> tuple[dict, dict, int]:
-    """(tensor header, manifest, data start), checking size, format and manifest checksum."""
-    size = os.fstat(f.fileno()).st_size
-    head = f.read(8)
-    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-    first = f.read(1) if 0 < n <= min(size - 8, _MAX_HEADER) else b""
-    if first != b"{":
-        _refuse(head, path)
-        raise CheckpointError(
-            f"{path} is truncated or not a trainwell checkpoint ({size} bytes, no valid header)"
-        )
-    try:
-        header = json.loads(first + f.read(n - 1))
-        meta = header.pop("__metadata__")
-        text = meta["trainwell_manifest"]
-        manifest = json.loads(text)
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} has a corrupt or missing trainwell manifest: {e}") from e
-    if _crc(text.encode()) != meta.get("trainwell_manifest_crc32"):
-        raise CheckpointError(f"{path}: manifest checksum mismatch (the file is corrupt)")
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {manifest.get('format')}")
-    end = 0
-    for key, entry in sorted(header.items(), key=lambda kv: _offsets(kv[1])):
-        expect = manifest["tensors"].get(key) if isinstance(manifest.get("tensors"), dict) else 0
-        if not isinstance(expect, dict) or _offsets(entry)[0] != end:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}")
-        if (entry["dtype"], entry["shape"]) != (expect.get("dtype"), expect.get("shape")):
-            raise CheckpointError(f"{path}: tensor {key!r} has a corrupt description")
-        end = _offsets(entry)[1]
-    if 8 + n + end != size or set(header) != set(manifest["tensors"]):
-        raise CheckpointError(
-            f"{path} is truncated or corrupt: {size} bytes on disk, the header describes "
-            f"{8 + n + end}"
-        )
-    header["__metadata__"] = meta
-    return header, manifest, 8 + n
+def _state_document(header: _Header, path: Path) -> Any:
+    """The JSON state, its CRC-32 verified, parsed (not yet decoded)."""
+    data = _utf8(header.state, path, "__metadata__ trainwell_state")
+    if _crc(data) != header.manifest["state_crc32"]:
+        raise CheckpointError(f"{path}: checksum mismatch in the JSON state (corrupt)")
+    return _parse_json(header.state, data, path, "the JSON state")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``metadata`` given to ``save``, read from the header only (no tensor data).
 
-    Raises ``CheckpointError`` when the header is unreadable or the file is truncated;
-    it does not verify the tensor checksums (``verify`` does).
+    Raises ``CheckpointError`` when the header is unreadable, corrupt or the file is
+    truncated (``OSError`` when the file cannot be opened); it does not verify the tensor
+    checksums (``verify`` does).
 
     Example:
         >>> import tempfile, trainwell
@@ -331,18 +680,21 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     with open(path, "rb") as f:
-        return _read_header(f, path)[1]["metadata"]
+        return _read_header(f, path).manifest["metadata"]
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -> Any:
     """Read a checkpoint written by ``save``, verifying every checksum; never unpickles.
 
     Tensors come back on the CPU (or ``device``), dict keys with their original type
-    (int keys stay int), tuples as tuples, numpy arrays as numpy arrays.
+    (int keys stay int), tuples as tuples, numpy arrays as numpy arrays. Every part of the
+    file is validated before it is used (see the module docstring), so a damaged file
+    raises ``CheckpointError`` and nothing else.
 
     Raises:
         CheckpointError: the file is truncated, corrupt, a pickle/``torch.save`` file, or
             not a trainwell checkpoint.
+        OSError: the file cannot be opened or read.
 
     Example:
         >>> import tempfile, torch, trainwell
@@ -352,33 +704,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
     """
     path = Path(path)
     with open(path, "rb") as f:
-        header, manifest, start = _read_header(f, path)
-        meta = header.pop("__metadata__")
-        tensors: dict[str, torch.Tensor] = {}
-        for key, entry in header.items():
-            begin, end = entry["data_offsets"]
-            expect, dtype = manifest["tensors"][key], _NAMES[entry["dtype"]]
-            buf = bytearray(end - begin)
-            f.seek(start + begin)
-            if f.readinto(buf) != len(buf) or _crc(buf) != expect["crc32"]:
-                raise CheckpointError(f"{path}: checksum mismatch in tensor {key!r} (corrupt)")
-            flat = _u8(buf)
-            try:
-                t = flat.view(dtype).reshape(entry["shape"])
-            except RuntimeError as e:
-                raise CheckpointError(f"{path}: tensor {key!r} has a corrupt shape") from e
-            tensors[key] = t.to(device) if device is not None else t
-    doc = meta.get("trainwell_state", "")
-    if _crc(doc.encode()) != manifest["state_crc32"]:
-        raise CheckpointError(f"{path}: checksum mismatch in the JSON state (corrupt)")
-    try:
-        return _decode(json.loads(doc), tensors)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: corrupt JSON state: {e}") from e
+        header = _read_header(f, path)
+        doc = _state_document(header, path)
+        tensors = _read_tensors(f, header, path, device)
+    return _decode(doc, tensors, path, ())
 
 
 def verify(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a complete, uncorrupted trainwell checkpoint.
+    """True when ``path`` is a complete, uncorrupted trainwell checkpoint; never raises.
 
     Example:
         >>> verify("/nonexistent/checkpoint")

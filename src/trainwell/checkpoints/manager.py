@@ -23,6 +23,23 @@ from trainwell.distributed import is_main_process
 _SUFFIX = ".safetensors"
 
 
+def _metrics_of(meta: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric metrics in a checkpoint's header as floats (NaN kept); others are dropped.
+
+    ``save`` writes floats only, so another value (a string, a list, an int too large for a
+    float) comes from a damaged or hand-edited header: it is never ranked.
+    """
+    metrics = meta.get("metrics")
+    if not isinstance(metrics, dict):
+        return {}
+    found = {}
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            with contextlib.suppress(OverflowError):
+                found[name] = float(value)
+    return found
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """One checkpoint on disk: its path, step and the metrics it was saved with."""
@@ -125,8 +142,7 @@ class CheckpointManager:
                 meta = read_metadata(entry)
             except (CheckpointError, OSError):
                 continue  # unreadable: never ranked, never deleted (kept for inspection)
-            metrics = meta.get("metrics") or {}
-            found.append(CheckpointInfo(entry, int(match.group(1)), dict(metrics)))
+            found.append(CheckpointInfo(entry, int(match.group(1)), _metrics_of(meta)))
         return sorted(found, key=lambda c: c.step)
 
     def _ranked(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
