@@ -87,3 +87,12 @@ def test_resume_names_skipped_corrupt_checkpoints_and_refuses_without_any(tmp_pa
     assert "--restart" in result.output
     result = invoke("resume", str(out), "-q", "--restart")
     assert result.exit_code == 0 and "restarting" in result.output
+
+
+@pytest.mark.parametrize("text", ["epochs = [", "epochs = -5", "x = " + "[" * 5000])
+def test_a_damaged_config_in_a_checkpoint_header_is_none_not_a_crash(tmp_path, text):
+    from trainwell.app.run_dir import CONFIG_KEY, config_of_checkpoint
+    from trainwell.checkpoints import save
+
+    path = save(tmp_path / "ckpt-00000000.safetensors", {}, metadata={CONFIG_KEY: text})
+    assert config_of_checkpoint(path) is None  # resume then reads config.toml instead

@@ -82,3 +82,22 @@ def test_manager_rejects_bad_arguments(tmp_path: Path) -> None:
         CheckpointManager(tmp_path, mode="lower")
     with pytest.raises(ValueError, match="step must be an integer >= 0"):
         CheckpointManager(tmp_path).save({}, -1)
+
+
+def test_rotation_never_lets_a_corrupt_file_take_a_good_ones_place(tmp_path: Path) -> None:
+    """keep_last=2 with the newest file's data damaged (header intact): the rotation on the
+    next save keeps two *valid* checkpoints; counting the corrupt one would delete step 0."""
+    m = CheckpointManager(tmp_path, keep_last=2, keep_best=0)
+    for step in range(2):
+        m.save({"w": torch.full((64,), float(step))}, step)
+    newest = m.path_for(1)
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the tensor data: read_metadata still works
+    newest.write_bytes(bytes(data))
+    assert not verify(newest) and read_metadata(newest)["step"] == 1
+    m2 = CheckpointManager(tmp_path, keep_last=2, keep_best=0)  # a resumed process
+    m2.save({"w": torch.full((64,), 2.0)}, 2)
+    assert m2.latest() == m2.path_for(2)
+    m2.path_for(2).unlink()  # the next newest good one is still there
+    assert m2.latest() == m2.path_for(0) and float(load(m2.path_for(0))["w"][0]) == 0.0
+    assert newest.exists()  # a corrupt file is kept for inspection, never deleted

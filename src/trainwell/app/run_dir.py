@@ -126,10 +126,13 @@ def newest_valid_checkpoint(directory: Path) -> tuple[Path | None, list[str]]:
 
 
 def config_of_checkpoint(path: Path) -> RunConfig | None:
-    """The config a checkpoint was trained with (None for checkpoints without one)."""
+    """The config a checkpoint was trained with (None for checkpoints without a usable one)."""
     text = read_metadata(path).get(CONFIG_KEY)
     if not isinstance(text, str):
         return None
     import tomllib
 
-    return validate(tomllib.loads(text))
+    try:
+        return validate(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ConfigError, RecursionError):
+        return None  # a damaged config in a header: resume falls back to config.toml

@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from trainwell.app.config import load_config
-from trainwell.app.run_dir import HASH_KEY, config_hash
+from trainwell.app.run_dir import HASH_KEY, config_hash, write_bytes
 from trainwell.app.runner import load_data, model_for, step_of, task_of, test_metrics
 from trainwell.app.tasks import higher_is_better, validation_metrics
 from trainwell.averaging.soups import greedy_soup, uniform_soup
@@ -103,7 +103,8 @@ def soup_run(run_dir: Path, method: str = "greedy", out: Path | None = None) -> 
     else:
         soup, chosen = uniform_soup(ingredients), list(range(len(ingredients)))
     out = out or run_dir / f"soup-{method}.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in soup.state_dict().items()}, str(out))
+    weights = save({k: v.detach().contiguous() for k, v in soup.state_dict().items()})
+    write_bytes(out, lambda f: f.write(weights))  # atomic, like every file of a run
     rows = [
         {"model": Path(p).name, key: score(m), **test_metrics(m, splits, "cpu", task, step)}
         for p, m in zip(paths, ingredients, strict=True)

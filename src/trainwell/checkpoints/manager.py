@@ -23,6 +23,12 @@ from trainwell.distributed import is_main_process
 _SUFFIX = ".safetensors"
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns): changes whenever the file is replaced or rewritten."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _metrics_of(meta: Mapping[str, Any]) -> dict[str, float]:
     """The numeric metrics in a checkpoint's header as floats (NaN kept); others are dropped.
 
@@ -102,6 +108,8 @@ class CheckpointManager:
         #: JSON data written into every checkpoint's header (e.g. the run's config and hash)
         self.header: dict[str, Any] = dict(header or {})
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+){re.escape(_SUFFIX)}")
+        #: files known to verify, by (size, mtime): each is read in full at most once
+        self._verified: dict[Path, tuple[int, int]] = {}
         if is_main_process():
             self._remove_stale_temporaries()
 
@@ -126,8 +134,20 @@ class CheckpointManager:
             with contextlib.suppress(TypeError, ValueError):
                 numbers[str(k)] = float(v)  # non-numeric entries are not ranked
         save(path, state, metadata={**self.header, "step": step, "metrics": numbers})
+        self._verified[path] = _identity(path)  # written from memory just now: complete
         self._rotate(keep=path)
         return path
+
+    def _valid(self, path: Path) -> bool:
+        """Whether ``path`` verifies (remembered while the file is unchanged)."""
+        with contextlib.suppress(OSError):
+            if self._verified.get(path) == _identity(path):
+                return True
+        ok = verify(path)
+        if ok:
+            with contextlib.suppress(OSError):
+                self._verified[path] = _identity(path)
+        return ok
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Checkpoints whose header is readable, oldest step first (recovered by a scan)."""
@@ -159,24 +179,28 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The newest checkpoint that passes ``verify``; falls back to older ones."""
         for info in reversed(self.checkpoints()):
-            if verify(info.path):
+            if self._valid(info.path):
                 return info.path
         return None
 
     def best(self) -> Path | None:
         """The best checkpoint by ``monitor`` that passes ``verify`` (None if none ranks)."""
         for info in self._ranked(self.checkpoints()):
-            if verify(info.path):
+            if self._valid(info.path):
                 return info.path
         return None
 
     def _rotate(self, keep: Path) -> None:
-        infos = self.checkpoints()
-        wanted = {c.path for c in infos[-self.keep_last :]}
-        wanted |= {c.path for c in self._ranked(infos)[: self.keep_best]}
+        """Delete what ``keep_last`` / ``keep_best`` do not keep, counting only checkpoints
+        that verify: a corrupt file never takes the place of a good one (and is itself
+        kept for inspection, never deleted)."""
+        valid = [c for c in self.checkpoints() if c.path == keep or self._valid(c.path)]
+        wanted = {c.path for c in valid[-self.keep_last :]}
+        wanted |= {c.path for c in self._ranked(valid)[: self.keep_best]}
         wanted.add(keep)
-        for info in infos:
+        for info in valid:
             if info.path not in wanted:
+                self._verified.pop(info.path, None)
                 with contextlib.suppress(FileNotFoundError):
                     info.path.unlink()
 
