@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,6 +156,8 @@ ROWS: list[Row] = [
      lambda t: ["report", str(t), "--db", "postgresql+nosuchdriver://u@localhost/db"], 2,
      ["nosuchdriver", "postgresql"]),
     # ablate
+    ("ablate a config with no [ablation] section", lambda t: ["ablate", config(t)], 2,
+     ["no [ablation] section"]),
     ("an unknown grid key", lambda t: ablation(t, "l3 = [0.1]"), 2, ["l3", "l2"]),
     ("a grid value the schema refuses", lambda t: ablation(t, "l2 = [-1.0]"), 2,
      ["regularization.l2"]),
@@ -167,6 +170,19 @@ ROWS: list[Row] = [
                                  "[gradients]\nskip_nonfinite = false\n"), "-q", *EXPLODE], 1,
      ["nan_policy"]),
 ]  # fmt: skip
+
+
+def test_usage_errors_are_one_line_too():
+    """Typer's own errors (unknown option, missing argument, out-of-range value) through the
+    console-script entry point: one line, exit 2, no box."""
+    for args, needle in [(["soup", "x", "-q"], "No such option: -q"),
+                         (["run"], "Missing argument"), (["demo", "--seeds", "0"], "--seeds"),
+                         (["bogus"], "No such command")]:  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "trainwell", *args], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("trainwell: error:") and needle in lines[0]
 
 
 def error_lines(result) -> list[str]:

@@ -373,6 +373,11 @@ def ablate(
 
     raw = absolute_targets(read_toml(config), config.resolve().parent)
     section = raw.get("ablation")
+    if section is None:
+        fail(
+            f"{config}: no [ablation] section; add [ablation.grid] strengths or "
+            "[ablation.variants.NAME] to compare against the base config"
+        )
     name = str(section.get("name", config.stem)) if isinstance(section, dict) else ""
     run_ablation(
         raw,
@@ -447,13 +452,27 @@ def soup(
     console.print(f"wrote {found['path']}")
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors are one line too, like every other failure."""
     try:
-        app()
+        code = app(args=argv, standalone_mode=False)
     except KeyboardInterrupt:
         typer.echo("trainwell: interrupted", err=True)
         sys.exit(130)
+    except typer.Abort:
+        typer.echo("trainwell: aborted", err=True)
+        sys.exit(1)
+    except Exception as err:
+        if not hasattr(err, "format_message") or not hasattr(err, "exit_code"):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `trainwell`: the help text
+            typer.echo(err.format_message())
+            sys.exit(0)
+        command = getattr(getattr(err, "ctx", None), "command_path", "trainwell")
+        message = " ".join(err.format_message().split())
+        typer.echo(f"trainwell: error: {message} (see {command} --help)", err=True)
+        sys.exit(err.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
