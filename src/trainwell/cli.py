@@ -55,8 +55,7 @@ def options(
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error per problem (no traceback) and exit with ``code``.
 
-    2: nothing was trained (bad input, refused before training); 1: a failure after
-    training started.
+    2: the input is refused (nothing was trained); 1: a run failed while training.
     """
     for line in str(message).splitlines() or ["error"]:
         typer.echo(f"trainwell: error: {line}", err=True)
@@ -84,9 +83,18 @@ def describe(err: Exception) -> str:
     return f"{type(err).__name__}: {first} (rerun with --traceback to see where it failed)"
 
 
+def exit_status(err: Exception) -> int:
+    """2: the input is refused -- a bad config, data, argument or user-code contract
+    (``ValueError`` / ``TypeError``, even when found at the first batch), or anything
+    before training started; 1: a run that failed while training (a full disk, a crash
+    in the model)."""
+    refused = isinstance(err, (ValueError, TypeError))
+    return 1 if _state["training"] and not refused else 2
+
+
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command so that any failure is one line and an exit status, never a traceback:
-    2 before training started, 1 after. ``--traceback`` / ``TRAINWELL_DEBUG=1`` re-raise."""
+    see :func:`exit_status`. ``--traceback`` / ``TRAINWELL_DEBUG=1`` re-raise."""
 
     @functools.wraps(command)
     def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -97,7 +105,7 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             if _state["traceback"] or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
                 raise
-            fail(describe(err), 1 if _state["training"] else 2)
+            fail(describe(err), exit_status(err))
 
     return guarded
 
