@@ -214,6 +214,79 @@ def test_auto_agrees_with_loop_and_caches_one_measurement_per_shape(monkeypatch)
     assert ens.last_method in ("loop", "vmap")
 
 
+def _previous_loop(members: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The loop as it was: list every submodule's flag, eval() if any trains, restore all."""
+    outputs = []
+    with torch.no_grad():
+        for member in members:
+            modes = [(m, m.training) for m in member.modules()]
+            if any(training for _, training in modes):
+                member.eval()
+            try:
+                outputs.append(member(x))
+            finally:
+                for m, training in modes:
+                    m.training = training
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_loop_is_bit_identical_to_the_plain_loop_and_the_previous_implementation(
+    name: str,
+) -> None:
+    build, shape = ARCHITECTURES[name]
+    members = [build() for _ in range(3)]
+    _trained_stats(members, shape)
+    members[0].eval()  # member 0 in eval, member 1 mixed, member 2 training
+    next(m for m in members[1].modules() if m is not members[1]).eval()
+    x = torch.randn(shape)
+    before = [[m.training for m in member.modules()] for member in members]
+    ens = Ensemble(members, method="loop")
+    got = ens.member_outputs(x)
+    assert [[m.training for m in member.modules()] for member in members] == before
+    assert torch.equal(got, _previous_loop(members, x))
+    with torch.no_grad():
+        plain = torch.stack([m.eval()(x) for m in members])  # the plain loop, all in eval
+    assert torch.equal(got, plain)
+    for rule in ("mean_prob", "mean_logit", "geometric", "vote"):
+        by_rule = Ensemble(members, combine=rule, method="loop").predict(x)
+        assert torch.equal(by_rule, combine(plain, rule))
+
+
+def test_loop_follows_submodules_added_or_put_in_training_after_a_prediction() -> None:
+    members = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval() for _ in range(2)]
+    ens = Ensemble(members, method="loop")
+    x = torch.randn(64, 4)
+    expected = ens.member_outputs(x)
+    members[1].insert(1, nn.Dropout(0.9))  # a new submodule, in training mode
+    members[0][1].train()
+    assert torch.equal(ens.member_outputs(x), expected)  # dropout stayed off
+    assert members[1][1].training and members[0][1].training  # flags kept
+    assert not members[0].training and not members[1][0].training
+
+
+def test_loop_leaves_eval_members_alone_and_calls_train_only_when_needed() -> None:
+    class Counting(nn.Sequential):
+        calls = 0
+
+        def train(self, mode: bool = True) -> nn.Module:
+            Counting.calls += 1
+            return super().train(mode)
+
+    members = [Counting(nn.Linear(4, 3), nn.Dropout(0.5)) for _ in range(2)]
+    for m in members:
+        m.eval()
+    Counting.calls = 0
+    ens = Ensemble(members, method="loop")
+    ens.predict(torch.randn(5, 4))
+    assert Counting.calls == 0  # already in eval: nothing switched or restored
+    members[1][1].train()
+    Counting.calls = 0
+    first, second = ens.predict(torch.ones(5, 4)), ens.predict(torch.ones(5, 4))
+    assert torch.equal(first, second) and Counting.calls == 2  # member 1 only, each call
+    assert members[1][1].training and not members[1].training and not members[1][0].training
+
+
 # ------------------------------------------------------------------ modes and autograd
 @pytest.mark.parametrize("method", ["loop", "vmap", "auto"])
 def test_prediction_uses_eval_mode_no_grad_and_restores_every_flag(method: str) -> None:

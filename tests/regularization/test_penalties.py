@@ -110,6 +110,88 @@ def test_apply_adds_once_per_call_with_cached_lists() -> None:
     torch.testing.assert_close(net.head.weight.grad, net.head.weight.detach())  # 2 * (2*0.25*w)
 
 
+def _previous_apply_(reg: Regularizer, model: nn.Module) -> None:
+    """The L1/L2 gradient as apply_ computed it before: two whole-list foreach passes."""
+    with torch.no_grad():
+        for l1, l2, params in reg._groups(model):
+            ps = [p for p in params if p.requires_grad]
+            for p in ps:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in ps]
+            if ps and l2 > 0:
+                torch._foreach_add_(grads, ps, alpha=2.0 * l2)
+            if ps and l1 > 0:
+                torch._foreach_add_(grads, torch._foreach_sign(ps), alpha=l1)
+
+
+def _mixed_model() -> nn.Module:
+    """Large, small, strided (channels_last), float64 and float16 weights, exact zeros."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(300, 701),  # 210_300 elements: several pieces at the patched piece size
+        nn.Linear(701, 3),
+        nn.Conv2d(16, 32, 3).to(memory_format=torch.channels_last),  # strided, 4_608
+        nn.Conv2d(64, 64, 5).to(memory_format=torch.channels_last),  # strided, > a piece
+        nn.Linear(5, 7).double(),
+        nn.Linear(64, 65).half(),
+        nn.Linear(4, 4),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.masked_fill_(p.abs() < 0.01, 0.0)  # sign(0) = 0
+    for i, p in enumerate(model.parameters()):
+        if i % 3 != 2:  # a few stay None: apply_ creates them
+            p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("piece_bytes", [None, 1 << 14])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("l1,l2", [(1e-3, 0.0), (2.5e-3, 7e-4), (0.3, 0.9)])
+def test_apply_is_bit_identical_to_the_previous_foreach_passes(
+    monkeypatch, piece_bytes: int | None, threads: int, l1: float, l2: float
+) -> None:
+    import trainwell.regularization.penalties as penalties
+
+    if piece_bytes is not None:  # many pieces, the small batch split, oversized strided
+        monkeypatch.setattr(penalties, "_PIECE_BYTES_PER_THREAD", piece_bytes)
+        monkeypatch.setattr(penalties, "_SMALL_ELEMENTS", 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = _mixed_model()
+        expected = copy.deepcopy(model)  # parameters only: copy the gradients too
+        for p, q in zip(model.parameters(), expected.parameters(), strict=True):
+            q.grad = None if p.grad is None else p.grad.clone()
+        reg = Regularizer(l1=l1, l2=l2, exclude=())
+        for _ in range(2):  # the second call reuses the buffers
+            reg.apply_(model)
+            _previous_apply_(reg, expected)
+    finally:
+        torch.set_num_threads(before)
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_apply_reuses_one_bounded_sign_buffer_per_dtype(monkeypatch) -> None:
+    import trainwell.regularization.penalties as penalties
+
+    monkeypatch.setattr(penalties, "_PIECE_BYTES_PER_THREAD", 1 << 14)
+    model = nn.Sequential(nn.Linear(100, 200), nn.Linear(200, 100).double())
+    reg = Regularizer(l1=1e-3)
+    reg.apply_(model)
+    buffers = {dtype: buf.data_ptr() for dtype, buf in reg._sign_buffers.items()}
+    assert set(buffers) == {torch.float32, torch.float64}
+    limit = penalties._piece_elements()
+    assert all(buf.numel() == limit for buf in reg._sign_buffers.values())  # not param-sized
+    model.zero_grad(set_to_none=True)  # fresh .grad tensors: still correct, same buffers
+    reg.apply_(model)
+    assert {d: b.data_ptr() for d, b in reg._sign_buffers.items()} == buffers
+    for layer in model:
+        torch.testing.assert_close(layer.weight.grad, 1e-3 * layer.weight.detach().sign())
+
+
 def test_exclusion_by_module_type_and_embedding_option() -> None:
     net = make_net()
     rows = {r["name"]: r for r in Regularizer(l2=1.0).report(net)}
@@ -258,3 +340,22 @@ def test_apply_on_ddp_wrapped_model(tmp_path) -> None:
         torch.testing.assert_close(reg.penalty(wrapped), reg.penalty(plain))
     finally:
         dist.destroy_process_group()
+
+
+def test_l1_pieces_on_a_strided_parameter_of_exactly_the_piece_size():
+    """A channels-last weight with exactly one piece of elements: the shared buffer keeps
+    its shape, so the next (contiguous) parameter still gets the right gradient."""
+    from trainwell.regularization.penalties import _piece_elements
+
+    n = _piece_elements()
+    conv = nn.Conv2d(n // 4, 1, kernel_size=2, bias=False).to(memory_format=torch.channels_last)
+    lin = nn.Linear(100, 512, bias=False)  # one piece, smaller than the buffer
+    model = nn.Sequential(conv, lin)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert conv.weight.numel() == n and not conv.weight.is_contiguous()
+    reg = Regularizer(l1=0.5, exclude=())
+    reg.apply_(model)
+    reg.apply_(model)
+    for p in model.parameters():
+        assert torch.equal(p.grad, torch.sign(p.detach()))  # twice 0.5 * sign(w)

@@ -171,11 +171,34 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return torch.allclose(a, b, rtol=tol, atol=tol / 10, equal_nan=True)
 
 
+def _any_training(module: nn.Module) -> bool:
+    """Whether ``module`` or any submodule is in training mode (walks, builds no list)."""
+    if module.training:
+        return True
+    for child in module._modules.values():
+        if child is not None and (child.training or (child._modules and _any_training(child))):
+            return True
+    return False
+
+
+def _eval_call(member: nn.Module, x: Tensor) -> Tensor:
+    """``member(x)`` in eval mode; each submodule's own ``training`` flag restored after."""
+    modes = [(m, m.training) for m in member.modules()]
+    member.eval()
+    try:
+        return member(x)
+    finally:
+        for m, training in modes:
+            if m.training != training:  # nn.Module.__setattr__ is slow: set only what changed
+                m.training = training
+
+
 class Ensemble(nn.Module):
     """Members combined by a named rule; prediction in eval mode, without autograd.
 
     Prediction never changes the members: ``"loop"`` puts each member in eval mode for its
-    forward pass and restores every submodule's own flag afterwards; ``"vmap"`` runs an
+    forward pass and restores every submodule's own flag afterwards (a member already wholly
+    in eval mode, checked at each call, is called as it is); ``"vmap"`` runs an
     eval-mode copy of the architecture on the stacked parameters
     (``torch.func.functional_call`` + ``vmap``; ``nn.Sequential`` members of ``Linear``,
     ``BatchNorm``, ``LayerNorm`` and activations run as batched matmuls). The stacks are
@@ -252,27 +275,27 @@ class Ensemble(nn.Module):
 
     # ---------------------------------------------------------------- member passes
     def _loop_outputs(self, x: Tensor) -> Tensor:
-        outputs = []
+        outputs: list[Tensor] = []
         for i, member in enumerate(self.members):
-            modes = [(m, m.training) for m in member.modules()]
-            if any(training for _, training in modes):
-                member.eval()
-            try:
-                y = member(x)
-            finally:
-                for m, training in modes:
-                    m.training = training
+            # A member already in eval mode (the usual case at inference) runs as it is: no
+            # list of its submodules, no flag written. Otherwise see _eval_call.
+            y = _eval_call(member, x) if _any_training(member) else member(x)
             if not isinstance(y, Tensor):
                 raise TypeError(
                     f"member {i} returned {type(y).__name__}; members must return a Tensor."
                 )
-            if outputs and y.shape != outputs[0].shape:
-                raise ValueError(
-                    f"member {i} returned shape {tuple(y.shape)}, member 0 "
-                    f"{tuple(outputs[0].shape)}; members must agree on the output shape."
-                )
             outputs.append(y)
-        return torch.stack(outputs)
+        try:
+            return torch.stack(outputs)
+        except RuntimeError:  # say which member's shape differs, if that is the reason
+            shape = outputs[0].shape
+            for i, y in enumerate(outputs):
+                if y.shape != shape:
+                    raise ValueError(
+                        f"member {i} returned shape {tuple(y.shape)}, member 0 "
+                        f"{tuple(shape)}; members must agree on the output shape."
+                    ) from None
+            raise
 
     def _stacked_outputs(self, x: Tensor) -> Tensor:
         stack = self._stack
@@ -345,11 +368,15 @@ class Ensemble(nn.Module):
                     logger.debug("method='auto': the vmap pass failed (%s); using the loop", exc)
                     self._choice[key] = "loop"
                 else:
-                    self.last_method = "vmap"
+                    self._used("vmap")
                     return out
                 method = "loop"
-        self.last_method = method
+        self._used(method)
         return self._stacked_outputs(x) if method == "vmap" else self._loop_outputs(x)
+
+    def _used(self, method: str) -> None:
+        if self.last_method != method:  # nn.Module.__setattr__ is slow: write on change only
+            self.last_method = method
 
     def predict(self, x: Tensor) -> Tensor:
         """The combined prediction by ``self.combine`` (see :func:`combine` for its kind).

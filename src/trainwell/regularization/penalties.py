@@ -110,6 +110,20 @@ def _classify(
     return rows
 
 
+#: Bytes of one parameter piece per CPU thread in ``Regularizer.apply_`` with L1: the piece,
+#: its sign and its gradient stay in the core's cache between the two passes over it.
+_PIECE_BYTES_PER_THREAD = 1 << 21
+
+
+#: Parameters up to this many elements take the foreach path in batches: their sign
+#: temporaries are small allocations that the allocator hands back cache-hot.
+_SMALL_ELEMENTS = 1 << 14
+
+
+def _piece_elements() -> int:
+    return (_PIECE_BYTES_PER_THREAD // 4) * max(1, torch.get_num_threads())
+
+
 class Regularizer:
     """L1/L2 weight penalty over the parameters that should carry one.
 
@@ -177,6 +191,8 @@ class Regularizer:
             )
         self._cache: weakref.WeakKeyDictionary[nn.Module, list[tuple[float, float, list]]]
         self._cache = weakref.WeakKeyDictionary()
+        # CPU scratch for sign(w) in apply_, one per dtype, at most _piece_elements() long.
+        self._sign_buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (
@@ -267,6 +283,12 @@ class Regularizer:
         with a ``GradScaler``, after ``scaler.unscale_(optimizer)``), before clipping. A
         parameter whose ``.grad`` is None gets one. Under DDP, call it on the wrapped model:
         the penalty gradient is the same on every rank, so it is added after the all-reduce.
+
+        With ``l1 > 0`` on CPU, large parameters are processed in cache-sized pieces
+        through one reused scratch buffer per dtype (512K elements per torch thread, 2 MiB
+        of float32 each, kept by the regularizer); the result is the same as two
+        whole-tensor passes. Not for concurrent calls from several threads on one
+        regularizer.
         """
         for l1, l2, params in self._groups(model):
             ps = [p for p in params if p.requires_grad]
@@ -281,10 +303,85 @@ class Regularizer:
             if not ps:
                 continue
             grads = [p.grad for p in ps]
-            if l2 > 0:
-                torch._foreach_add_(grads, ps, alpha=2.0 * l2)
             if l1 > 0:
-                torch._foreach_add_(grads, torch._foreach_sign(ps), alpha=l1)
+                self._add_l1_(ps, grads, l1, l2)
+            elif l2 > 0:
+                torch._foreach_add_(grads, ps, alpha=2.0 * l2)
+
+    def _sign_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """The reused CPU scratch buffer for ``sign(w)`` of one dtype (at least ``numel``)."""
+        buf = self._sign_buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self._sign_buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return buf
+
+    def _add_l1_(
+        self, ps: list[nn.Parameter], grads: list[torch.Tensor], l1: float, l2: float
+    ) -> None:
+        """``g += 2 * l2 * w`` (if ``l2 > 0``) then ``g += l1 * sign(w)``, no big temporaries.
+
+        ``torch._foreach_sign(ps)`` allocates a fresh temporary the size of every parameter
+        at each call (on CPU a large one is mapped and page-faulted anew each time) and
+        streams it through memory twice. Here a CPU parameter of more than
+        ``_SMALL_ELEMENTS`` elements is cut into pieces of at most ``_piece_elements()``
+        elements; each piece is signed into one reused buffer (``torch.sign(w, out=buf)``)
+        and added while it is still in cache, so memory sees one read of ``w`` and one read
+        and write of ``g`` (L1 and L2 in the same pass). Small parameters are batched up to
+        the same size and go through the foreach ops (their temporaries are small,
+        cache-resident allocations); so do all parameters on other devices (fused
+        multi-tensor kernels; the caching allocator serves the temporaries). Every element
+        gets the same operations in the same order as before: the result is identical.
+        """
+        limit = _piece_elements()
+        numels = [w.numel() for w in ps]
+        if max(numels) <= _SMALL_ELEMENTS and sum(numels) <= limit:  # all small: one batch
+            self._add_l1_foreach_(ps, grads, l1, l2)
+            return
+        batch_w: list[torch.Tensor] = []
+        batch_g: list[torch.Tensor] = []
+        other_w: list[torch.Tensor] = []  # not on the CPU
+        other_g: list[torch.Tensor] = []
+        filled = 0
+        for w, g, n in zip(ps, grads, numels, strict=True):
+            if not w.is_cpu:
+                other_w.append(w)
+                other_g.append(g)
+                continue
+            if n <= _SMALL_ELEMENTS:
+                if filled + n > limit:
+                    self._add_l1_foreach_(batch_w, batch_g, l1, l2)
+                    batch_w, batch_g, filled = [], [], 0
+                batch_w.append(w)
+                batch_g.append(g)
+                filled += n
+                continue
+            if w.is_contiguous() and g.is_contiguous() and g.shape == w.shape:
+                pieces = zip(w.view(-1).split(limit), g.view(-1).split(limit), strict=True)
+            else:  # strided (channels_last, say): the tensor as one piece
+                pieces = iter([(w, g)])
+            buf = self._sign_buffer(w.dtype, limit)
+            for wp, gp in pieces:
+                k = wp.numel()
+                if k > limit:  # a strided tensor larger than the buffer: a temporary
+                    sign = torch.sign(wp)
+                else:
+                    sign = buf[:k].view(wp.shape)  # never resizes the shared buffer
+                    torch.sign(wp, out=sign)
+                if l2 > 0:
+                    gp.add_(wp, alpha=2.0 * l2)
+                gp.add_(sign, alpha=l1)
+        if batch_w:
+            self._add_l1_foreach_(batch_w, batch_g, l1, l2)
+        if other_w:
+            self._add_l1_foreach_(other_w, other_g, l1, l2)
+
+    @staticmethod
+    def _add_l1_foreach_(
+        ps: list[torch.Tensor], grads: list[torch.Tensor], l1: float, l2: float
+    ) -> None:
+        if l2 > 0:
+            torch._foreach_add_(grads, ps, alpha=2.0 * l2)
+        torch._foreach_add_(grads, torch._foreach_sign(ps), alpha=l1)
 
 
 def param_groups(
