@@ -274,3 +274,10 @@ def test_an_empty_config_file_means_the_defaults(tmp_path):
     # a valid (empty) TOML document: run directories and tests rely on it meaning defaults
     (tmp_path / "c.toml").write_text("")
     assert load_config(tmp_path / "c.toml") == load_config(None)
+
+
+@pytest.mark.parametrize("value", ["1.5", "[0.1, 2]", "-0.1"])
+def test_a_dropout_rate_out_of_range_names_its_key_once(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model.dropout={value}"])
+    assert str(err.value).startswith("model.dropout: every rate must be in [0, 1)")

@@ -104,12 +104,13 @@ class ModelConfig(Section):
             )
         return hidden
 
-    @model_validator(mode="after")
-    def _rates_in_range(self) -> ModelConfig:
-        rates = self.dropout if isinstance(self.dropout, list) else [self.dropout]
+    @field_validator("dropout")
+    @classmethod
+    def _rates_in_range(cls, dropout: float | list[float]) -> float | list[float]:
+        rates = dropout if isinstance(dropout, list) else [dropout]
         if any(not 0.0 <= r < 1.0 for r in rates):
-            raise ValueError("model.dropout: every rate must be in [0, 1)")
-        return self
+            raise ValueError("every rate must be in [0, 1)")
+        return dropout
 
 
 class OptimizerConfig(Section):
