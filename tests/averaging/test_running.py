@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
+import pickle
+import weakref
 
 import pytest
 import torch
@@ -183,6 +186,142 @@ def test_ema_bad_input(kwargs, match):
         EMA(nn.Linear(1, 1), **kwargs)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         EMA("net")
+
+
+# ------------------------------------------------- EMA's cached view of the live model
+
+
+def _ema_and_reference(net, decay=0.5):
+    ema = EMA(net, decay=decay)
+    ref = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    return ema, ref
+
+
+def _step_both(ema, ref, net):
+    ema.update(net)
+    ref.update_parameters(net)
+    assert_close(float_params(ema.module), float_params(ref.module))
+
+
+def test_ema_follows_parameters_buffers_and_submodules_replaced_between_updates():
+    # the tensor lists are cached between updates: every way of swapping a live tensor
+    # must be seen, as when they were rebuilt from model.parameters() on every update
+    net = make_net("bn")
+    ema, ref = _ema_and_reference(net)
+    _step_both(ema, ref, net)
+    _step_both(ema, ref, net)
+    net[0].weight = nn.Parameter(torch.randn(8, 4))  # an assigned parameter
+    _step_both(ema, ref, net)
+    net[3] = nn.Linear(8, 3)  # a swapped submodule
+    _step_both(ema, ref, net)
+    other = make_net("bn", seed=7)
+    train_steps(other, 2)
+    net.load_state_dict(other.state_dict(), assign=True)  # new tensor objects throughout
+    _step_both(ema, ref, net)
+    net[1].running_mean = torch.randn(8)  # a buffer assigned: copied from the new one
+    net[1].num_batches_tracked = torch.tensor(41)
+    _step_both(ema, ref, net)
+    assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
+    assert ema.module[1].num_batches_tracked.item() == 41
+    with torch.no_grad():
+        net[0].weight.data = torch.full((8, 4), 3.0)  # .data swapped in place of the storage
+    _step_both(ema, ref, net)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda net: setattr(net[0], "extra", nn.Parameter(torch.zeros(2))),
+        lambda net: net[3].register_buffer("counter", torch.zeros(1)),  # into an empty dict
+        lambda net: net[2].add_module("inner", nn.Linear(1, 1)),  # a leaf gets a child
+    ],
+)
+def test_ema_sees_tensors_added_after_it_cached_the_model(change):
+    net = make_net("bn")
+    ema = EMA(net, decay=0.9)
+    ema.update(net)
+    ema.update(net)
+    change(net)
+    with pytest.raises(ValueError, match="pass the model this average was built from"):
+        ema.update(net)
+
+
+class _Twice(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def _move_bias_to_buffers(net):
+    bias = net[0].bias
+    del net[0].bias
+    net[0].register_buffer("bias", bias)  # the same object, now the first buffer
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda net: setattr(net[0], "weight", nn.Parameter(torch.randn(8, 4))),
+        lambda net: net.__setitem__(3, nn.Linear(8, 3)),
+        lambda net: net.load_state_dict(make_net("bn", seed=3).state_dict(), assign=True),
+        lambda net: net.double(),
+        lambda net: delattr(net[3], "bias"),
+        lambda net: setattr(net[3], "bias", None),
+        _move_bias_to_buffers,
+        lambda net: torch.nn.utils.parametrize.register_parametrization(net[0], "weight", _Twice()),
+        lambda net: net[2].register_buffer("extra", torch.zeros(3)),
+    ],
+)
+def test_ema_cached_view_is_always_parameters_then_buffers(change):
+    # the cache must hold exactly what [*parameters(), *buffers()] would give right now
+    net = make_net("bn")
+    ema = EMA(net, decay=0.9)
+    ema.update(net)
+    ema.update(net)
+    change(net)
+    expected = [*net.parameters(), *net.buffers()]
+    if len(expected) != len(ema._avg):
+        with pytest.raises(ValueError, match="pass the model this average was built from"):
+            ema.update(net)
+        return
+    view = ema._live(net)
+    assert [id(t) for t in view.live] == [id(t) for t in expected]
+    assert ema._live(net) is view  # and it is reused while nothing changes
+
+
+def test_ema_does_not_keep_a_deleted_live_model_alive():
+    net = make_net("bn")
+    ema = EMA(net, decay=0.9)
+    for _ in range(3):
+        ema.update(net)
+    probe = weakref.ref(net[0].weight)
+    del net
+    gc.collect()
+    assert probe() is None
+    assert ema.module[0].weight.shape == (8, 4)
+
+
+def test_ema_copies_do_not_share_the_cached_view():
+    net = make_net("bn")
+    ema = EMA(net, decay=0.8)
+    train_steps(net, 3, lambda _: ema.update(net))
+    clones = [copy.deepcopy(ema), pickle.loads(pickle.dumps(ema))]
+    train_steps(net, 2, lambda _: [e.update(net) for e in (ema, *clones)], seed=4)
+    for clone in clones:
+        assert_close(clone.module.state_dict(), ema.module.state_dict(), atol=0)
+        assert clone.n_averaged == ema.n_averaged == 5
+
+
+def test_ema_update_leaves_no_autograd_graph_and_restores_grad_mode():
+    net = make_net("ln")
+    ema = EMA(net, decay=0.9)
+    for _ in range(3):
+        assert torch.is_grad_enabled()
+        ema.update(net)  # called with grad mode on, as in a training loop
+    assert torch.is_grad_enabled()
+    assert all(t.grad_fn is None and not t.requires_grad for t in ema.module.parameters())
+    with torch.no_grad():
+        ema.update(net)
+        assert not torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------- SWA

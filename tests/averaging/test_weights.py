@@ -123,6 +123,65 @@ def test_average_weights_bad_input(kwargs, exc, match):
         average_weights(**args)
 
 
+def _hand_mean(models, w):
+    sds = [m.state_dict() for m in models]
+    total = sum(w)
+    return {
+        k: sum(wi * sd[k].double() for wi, sd in zip(w, sds, strict=True)) / total
+        for k, v in sds[0].items()
+        if v.is_floating_point()
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_average_weights_tiles_give_the_untiled_result(monkeypatch, dtype):
+    import trainwell.averaging.weights as W
+
+    torch.manual_seed(0)
+    models = [
+        nn.Sequential(nn.Linear(64, 48), nn.Conv2d(3, 8, 3), nn.BatchNorm1d(5)) for _ in range(4)
+    ]
+    for m in models:
+        m.to(dtype)
+        m[1].to(memory_format=torch.channels_last)  # not contiguous: averaged whole
+        m[2].running_mean.normal_()
+    w = [1.0, 0.0, 2.0, 3.0]
+    whole = average_weights(models, weights=w)
+    monkeypatch.setattr(W, "_TILE", 100)  # the 64 x 48 weight becomes 31 flat pieces
+    tiled = average_weights(models, weights=w)
+    monkeypatch.setattr(W, "_TILED_DEVICES", ())  # the accelerator path, here on CPU
+    untiled = average_weights(models, weights=w)
+    single = average_weights(models[:1])
+    assert torch.equal(single[0].weight, models[0][0].weight)
+    assert single[0].weight.data_ptr() != models[0][0].weight.data_ptr()
+    expected = _hand_mean(models, w)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    for name, t in tiled.state_dict().items():
+        if name in expected:
+            assert t.dtype == dtype, name
+            torch.testing.assert_close(t.double(), expected[name], atol=tol, rtol=tol, msg=name)
+            for other in (whole, untiled):
+                torch.testing.assert_close(t, other.state_dict()[name], atol=tol, rtol=0)
+    for out in (tiled, untiled):
+        assert out[1].weight.stride() == models[0][1].weight.stride()  # layout kept
+    assert torch.equal(tiled[2].num_batches_tracked, models[0][2].num_batches_tracked)
+
+
+def test_average_weights_large_tensors_and_a_fresh_module():
+    # tensors larger than a tile are averaged piece by piece; the result must not care
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(1024, 1100), nn.ReLU()) for _ in range(3)]
+    avg = average_weights(models)
+    expected = _hand_mean(models, [1.0, 1.0, 1.0])
+    for name, t in avg.state_dict().items():
+        torch.testing.assert_close(t.double(), expected[name], atol=1e-6, rtol=0, msg=name)
+    # the copy's hook dicts and buffer sets are its own, not models[0]'s
+    avg[0].register_forward_hook(lambda *a: None)
+    avg[1].register_buffer("scale", torch.ones(1), persistent=False)
+    assert not models[0][0]._forward_hooks and "scale" not in models[0][1]._buffers
+    assert not models[0][1]._non_persistent_buffers_set
+
+
 # ---------------------------------------------------------------- EMA
 
 

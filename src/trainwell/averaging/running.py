@@ -2,7 +2,9 @@
 
 Both keep a deep copy of the model (``.module``, in eval mode, no gradients) and update
 it in place with ``torch._foreach_lerp_`` over (device, dtype) groups: no
-``state_dict()`` rebuilt per update, no host-device sync. The tensor rule is the one of
+``state_dict()`` rebuilt per update, no host-device sync, and the live model's tensor
+lists are built once and reused while it holds the same tensors (checked by identity on
+every update). The tensor rule is the one of
 :mod:`trainwell.averaging.weights`: float parameters are averaged; float buffers are copied
 from the live model (``buffers="copy"``) or averaged (``"average"``); integer and bool
 buffers are always copied from the live model.
@@ -12,8 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import gc
 import math
+import operator
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,6 +37,53 @@ from trainwell.averaging.weights import (
 from trainwell.distributed import unwrap
 
 __all__ = ["EMA", "SWA"]
+
+_referents = gc.get_referents  # for a dict: its values, in order, in one C call
+
+
+class _LiveView:
+    """One live model's tensors as the averaged copy pairs them, cached between updates.
+
+    Rebuilding ``[*model.parameters(), *model.buffers()]`` and the per-group lists costs
+    more than the foreach lerp of a cache-resident model, so they are built once and
+    reused while the model's tensors stay the same objects. That is checked on every
+    update, at C speed: the values of every ``_parameters`` / ``_buffers`` / ``_modules``
+    dict of every submodule (``gc.get_referents`` lists them, dict after dict) must be
+    the same objects in the same order, and no non-empty dict may change its length (an
+    object moved across the boundary of two adjacent dicts). An assigned parameter, a
+    buffer replaced by ``.to()``, ``load_state_dict(assign=True)``, an added, deleted or
+    swapped submodule or tensor all rebuild it. ``.to()`` keeps parameters (it sets
+    ``.data``) and the pairs hold the parameters themselves, so they follow; a changed
+    dtype or device is caught by :meth:`_Averager._live`.
+    """
+
+    __slots__ = ("ref", "dicts", "full", "lens", "vals", "live", "lerp", "copy")
+
+    ref: weakref.ref | None  # the model as passed (a wrapper or not); None: not cacheable
+    dicts: tuple[dict, ...]  # every submodule's three dicts
+    full: list[dict]  # the non-empty ones, with their lengths
+    lens: list[int]
+    vals: list[Any]  # what gc.get_referents(*dicts) returned
+    live: list[torch.Tensor]  # parameters then buffers, not detached (.data may change)
+    lerp: list[tuple[list[torch.Tensor], list[torch.Tensor]]]  # (average, live) per group
+    copy: tuple[list[torch.Tensor], list[torch.Tensor]]
+
+    def current(self, model: nn.Module) -> bool:
+        return (
+            self.ref is not None
+            and self.ref() is model
+            and list(map(len, self.full)) == self.lens
+            and len(probe := _referents(*self.dicts)) == len(self.vals)
+            and all(map(operator.is_, probe, self.vals))
+        )
+
+
+def _forget(owner: weakref.ref, dead: weakref.ref) -> None:
+    """Drop the cached view of a live model that was garbage-collected."""
+    averager = owner()
+    view = getattr(averager, "_view", None)
+    if view is not None and view.ref is dead:
+        averager._view = None  # type: ignore[union-attr]
 
 
 class _Averager:
@@ -54,6 +108,7 @@ class _Averager:
         named = _named_tensors(self.module)
         self._names = [n for n, _, _ in named]
         self._avg = [t.detach() for _, t, _ in named]
+        self._first = (self._avg[0].dtype, self._avg[0].device) if self._avg else None
         avg_idx = [
             j
             for j, (_, t, p) in enumerate(named)
@@ -67,44 +122,96 @@ class _Averager:
         self._convert = any(
             a.device != b.device or a.dtype != b.dtype for a, b in zip(self._avg, live, strict=True)
         )
+        self._view: _LiveView | None = None
 
-    def _live(self, model: nn.Module) -> list[torch.Tensor]:
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_view"] = None  # references to the live model: never pickled or deep-copied
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._view = None
+        # deepcopy and pickle copy ``module`` and ``_avg`` (aliases of its tensors) apart:
+        # alias the copy's module again, or updates would miss it
+        self._avg = [t.detach() for _, t, _ in _named_tensors(self.module)]
+        self._first = (self._avg[0].dtype, self._avg[0].device) if self._avg else None
+        self._avg_groups = _group(sorted(j for g in self._avg_groups for j in g), self._avg)
+
+    def _build_view(self, model: nn.Module) -> _LiveView:
         m = unwrap(model)
         live = [*m.parameters(), *m.buffers()]
-        if live and (live[0].device != self._avg[0].device or live[0].dtype != self._avg[0].dtype):
-            self._convert = True  # the live model moved (e.g. .cuda()) after this was built
         if len(live) != len(self._avg):
             raise ValueError(
                 f"model has {len(live)} parameters and buffers, the average has "
                 f"{len(self._avg)}: pass the model this average was built from"
             )
-        return live
+        view = _LiveView()
+        view.live = live
+        view.lerp = [([self._avg[j] for j in g], [live[j] for j in g]) for g in self._avg_groups]
+        view.copy = ([self._avg[j] for j in self._copy_idx], [live[j] for j in self._copy_idx])
+        view.ref = None
+        dicts = [
+            getattr(mod, name, None)
+            for mod in m.modules()
+            for name in ("_parameters", "_buffers", "_modules")
+        ]
+        if all(type(d) in (dict, OrderedDict) for d in dicts):  # else: rebuilt every update
+            view.dicts = tuple(dicts)
+            view.full = [d for d in dicts if d]
+            view.lens = list(map(len, view.full))
+            view.vals = _referents(*dicts)
+            with contextlib.suppress(TypeError):  # a module that refuses weak references
+                view.ref = weakref.ref(model, functools.partial(_forget, weakref.ref(self)))
+        self._view = view
+        return view
 
-    def _pull(self, live: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+    def _live(self, model: nn.Module) -> _LiveView:
+        """The cached view of ``model``, rebuilt when its tensors are no longer the same."""
+        view = self._view
+        if view is None or not view.current(model):
+            view = self._build_view(model)
+        first = self._first
+        if first is not None and not self._convert:
+            t = view.live[0]
+            if t.dtype is not first[0] or t.device != first[1]:
+                self._convert = True  # the live model moved (e.g. .cuda()) after this was built
+        return view
+
+    def _pull(self, avg: list[torch.Tensor], live: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._convert:
-            return [live[j].detach().to(self._avg[j].device, self._avg[j].dtype) for j in idx]
-        return [live[j].detach() for j in idx]
+            return [t.detach().to(a.device, a.dtype) for a, t in zip(avg, live, strict=True)]
+        return live  # raw parameters: every caller runs with grad mode off
 
-    @torch.no_grad()
     def _copy_from(self, model: nn.Module, everything: bool) -> None:
-        live = self._live(model)
-        idx = list(range(len(live))) if everything else self._copy_idx
-        if idx:
-            torch._foreach_copy_([self._avg[j] for j in idx], self._pull(live, idx))
+        view = self._live(model)
+        avg, live = (self._avg, view.live) if everything else view.copy
+        if avg:
+            with torch.no_grad():
+                torch._foreach_copy_(avg, self._pull(avg, live))
 
-    @torch.no_grad()
     def _average_from(self, model: nn.Module, weight: float) -> None:
-        """``avg += weight * (live - avg)`` on the averaged tensors, copy the rest."""
+        """``avg += weight * (live - avg)`` on the averaged tensors, copy the rest.
+
+        The per-update Python work is a few list identity checks (:class:`_LiveView`):
+        no parameter traversal, no list building, no tensor math for the weight, no sync.
+        """
         if self.n_averaged == 0:
             self._copy_from(model, everything=True)
             return
-        live = self._live(model)
-        for group in self._avg_groups:
-            torch._foreach_lerp_([self._avg[j] for j in group], self._pull(live, group), weight)
-        if self._copy_idx:
-            torch._foreach_copy_(
-                [self._avg[j] for j in self._copy_idx], self._pull(live, self._copy_idx)
-            )
+        view = self._live(model)
+        grad = torch.is_grad_enabled()  # a plain toggle: torch.no_grad() costs ~1 us a call
+        if grad:
+            torch._C._set_grad_enabled(False)
+        try:
+            for avg, live in view.lerp:
+                torch._foreach_lerp_(avg, self._pull(avg, live), weight)
+            avg, live = view.copy
+            if avg:
+                torch._foreach_copy_(avg, self._pull(avg, live))
+        finally:
+            if grad:
+                torch._C._set_grad_enabled(True)
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -112,7 +219,7 @@ class _Averager:
 
         Yields the unwrapped live model. Costs one extra copy of the weights in memory.
         """
-        live = [t.detach() for t in self._live(model)]
+        live = [t.detach() for t in self._live(model).live]
         backup = [t.clone() for t in live]
         with torch.no_grad():
             torch._foreach_copy_(
@@ -241,8 +348,41 @@ class EMA(_Averager):
             return False
         if (step - self.start_step) % self.update_every:
             return False
-        self._average_from(model, 1.0 - self.decay_at(self.n_averaged))
-        self.n_averaged += 1
+        n = self.n_averaged
+        weight = 1.0 - (self.decay if self.warmup == 0 else self.decay_at(n))
+        view, first = self._view, self._first
+        # _average_from inlined for the common case, as this runs after every optimizer
+        # step (at 1M parameters each Python call is ~1% of the update): an average
+        # exists, the cached view still matches the model (_LiveView.current) and the
+        # model did not move (_live)
+        if (
+            n == 0
+            or self._convert
+            or first is None
+            or view is None
+            or view.ref is None
+            or view.ref() is not model
+            or list(map(len, view.full)) != view.lens
+            or len(probe := _referents(*view.dicts)) != len(view.vals)
+            or not all(map(operator.is_, probe, view.vals))
+            or view.live[0].dtype is not first[0]
+            or view.live[0].device != first[1]
+        ):
+            self._average_from(model, weight)
+        else:
+            grad = torch.is_grad_enabled()
+            if grad:
+                torch._C._set_grad_enabled(False)
+            try:
+                for avg, live in view.lerp:
+                    torch._foreach_lerp_(avg, live, weight)
+                avg, live = view.copy
+                if avg:
+                    torch._foreach_copy_(avg, live)
+            finally:
+                if grad:
+                    torch._C._set_grad_enabled(True)
+        self.n_averaged = n + 1
         return True
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +39,33 @@ def _averageable(t: torch.Tensor) -> bool:
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
-    """(name, tensor, is_parameter) for every parameter, then every buffer."""
-    out = [(n, p, True) for n, p in model.named_parameters()]
-    return out + [(n, b, False) for n, b in model.named_buffers()]
+    """(name, tensor, is_parameter) for every parameter, then every buffer.
+
+    Exactly ``named_parameters()`` then ``named_buffers()``, from one walk over the
+    modules instead of two (unless the model overrides either method).
+    """
+    cls = type(model)
+    if (
+        cls.named_parameters is not nn.Module.named_parameters
+        or cls.named_buffers is not nn.Module.named_buffers
+    ):
+        out = [(n, p, True) for n, p in model.named_parameters()]
+        return out + [(n, b, False) for n, b in model.named_buffers()]
+    params: list[tuple[str, torch.Tensor, bool]] = []
+    bufs: list[tuple[str, torch.Tensor, bool]] = []
+    seen_p: set[torch.Tensor] = set()
+    seen_b: set[torch.Tensor] = set()
+    for prefix, module in model.named_modules():
+        for out, seen, members, is_param in (
+            (params, seen_p, module._parameters, True),
+            (bufs, seen_b, module._buffers, False),
+        ):
+            for k, v in members.items():
+                if v is None or v in seen:
+                    continue
+                seen.add(v)
+                out.append((f"{prefix}.{k}" if prefix else k, v, is_param))
+    return params + bufs
 
 
 def _check_buffers(buffers: str) -> None:
@@ -71,6 +96,11 @@ def _check_same_structure(
             raise ValueError(f"{label} has an extra key {name!r} that the reference model lacks")
 
 
+def _signature(named: list[tuple[str, torch.Tensor, bool]]) -> tuple[list, list, list]:
+    """Names, shapes and dtypes in order: equal signatures pass ``_check_same_structure``."""
+    return [n for n, _, _ in named], [t.shape for _, t, _ in named], [t.dtype for _, t, _ in named]
+
+
 def _group(indices: Sequence[int], tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices grouped by (device, dtype), so each foreach call takes its fast path."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -91,11 +121,90 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [w / total for w in ws]
 
 
-def _take(
-    src: list[tuple[str, torch.Tensor, bool]], group: list[int], device: torch.device, low: bool
-) -> list[torch.Tensor]:
-    ts = [src[j][1].detach().to(device) for j in group]
-    return [t.float() for t in ts] if low else ts
+# CPU averages run in tiles of this many elements (2 MB of float32, about one core's L2):
+# all models' lerps of one tile run back to back, so the accumulator stays in cache and
+# memory sees one read of every model and one write of the result, not a
+# read-modify-write of the result per model.
+_TILE = 1 << 19
+_TILED_DEVICES = ("cpu",)  # on an accelerator, whole-tensor foreach kernels are the fast path
+_FEW = 4  # a bundle of at most this many pieces: a lerp per piece writes the output
+
+
+def _units(tensors: Sequence[Sequence[torch.Tensor]], tile: int) -> list[list[list[torch.Tensor]]]:
+    """Bundles of about ``tile`` elements; each bundle holds, per tensor list, its pieces.
+
+    ``tensors[k]`` is the k-th list (output, then one per model), all lists aligned. A
+    tensor larger than a tile is cut into flat pieces when every list holds it
+    contiguous; anything else goes whole.
+    """
+    bundles: list[list[list[torch.Tensor]]] = []
+    current: list[list[torch.Tensor]] = [[] for _ in tensors]
+    size = 0
+    for column in zip(*tensors, strict=True):
+        n = column[0].numel()
+        if n > tile and all(t.is_contiguous() for t in column):
+            pieces = [t.view(-1).split(tile) for t in column]
+        else:
+            pieces = [(t,) for t in column]
+        for i in range(len(pieces[0])):
+            for k, p in enumerate(pieces):
+                current[k].append(p[i])
+            size += pieces[0][i].numel()
+            if size >= tile:
+                bundles.append(current)
+                current, size = [[] for _ in tensors], 0
+    if size:
+        bundles.append(current)
+    return bundles
+
+
+def _average_group(srcs: list[list[torch.Tensor]], fractions: list[float]) -> list[torch.Tensor]:
+    """New tensors ``acc <- srcs[0]``, then ``acc <- lerp(acc, srcs[i], fractions[i - 1])``.
+
+    ``srcs[i]`` holds model i's tensors of one (device, dtype) group. Half precision
+    accumulates in float32 and rounds once. On CPU the outputs are allocated first
+    and filled tile by tile (see ``_TILE``); elsewhere the first
+    lerp allocates them and each further model is one foreach lerp over whole tensors.
+    """
+    first, rest = srcs[0], srcs[1:]
+    low = first[0].dtype in (torch.float16, torch.bfloat16)
+    if first[0].device.type not in _TILED_DEVICES:
+        acc = [t.float() for t in first] if low else first
+        if rest:
+            src = [t.float() for t in rest[0]] if low else rest[0]
+            acc = torch._foreach_lerp(acc, src, fractions[0])
+        else:
+            acc = [t.clone() for t in acc]
+        for src, f in zip(rest[1:], fractions[1:], strict=True):
+            torch._foreach_lerp_(acc, [t.float() for t in src] if low else src, f)
+        return [t.to(first[0].dtype) for t in acc] if low else acc
+    outs = [torch.empty_like(t) for t in first]
+    for out, a, *more in _units([outs, *srcs], _TILE):
+        if low:
+            acc = [t.float() for t in a]
+            for src, f in zip(more, fractions, strict=True):
+                torch._foreach_lerp_(acc, [t.float() for t in src], f)
+            torch._foreach_copy_(out, acc)
+        elif more and len(out) <= _FEW:  # big pieces: the first lerp writes the output
+            for o, x, y in zip(out, a, more[0], strict=True):
+                torch.lerp(x, y, fractions[0], out=o)
+            for src, f in zip(more[1:], fractions[1:], strict=True):
+                torch._foreach_lerp_(out, src, f)
+        else:  # many small tensors: one foreach copy beats a call per tensor
+            torch._foreach_copy_(out, a)
+            for src, f in zip(more, fractions, strict=True):
+                torch._foreach_lerp_(out, src, f)
+    return outs
+
+
+def _fresh_containers(module: nn.Module, memo: dict[int, Any]) -> None:
+    """Seed ``deepcopy``'s memo with new empty hook dicts and sets: the copy they would
+    get anyway, without ``deepcopy``'s generic reconstruction (most of its cost)."""
+    for m in module.modules():
+        for v in m.__dict__.values():
+            cls = type(v)
+            if (cls is OrderedDict or cls is dict or cls is set) and not v:
+                memo[id(v)] = cls()
 
 
 @torch.no_grad()
@@ -108,9 +217,11 @@ def average_weights(
 
     ``theta = sum_i w_i * theta_i`` with ``w`` normalized to sum to 1 (uniform when
     ``weights`` is None): the "uniform soup" of Wortsman et al. 2022 and the average of
-    Izmailov et al. 2018. Float parameters are averaged with foreach ops, one lerp pass
-    per model (``acc <- acc + w_i / (w_0 + ... + w_i) * (theta_i - acc)``, the running
-    weighted mean; half precision accumulates in float32). Float buffers are averaged
+    Izmailov et al. 2018. Float parameters are averaged with foreach ops as the running
+    weighted mean (``acc <- acc + w_i / (w_0 + ... + w_i) * (theta_i - acc)``, one lerp
+    per model; half precision accumulates in float32). On CPU it runs in cache-sized
+    tiles, every model's lerp of a tile back to back, so memory traffic is one read of
+    each model and one write of the result. Float buffers are averaged
     (``buffers="average"``) or taken from ``models[0]`` (``"copy"``); integer and bool
     buffers are always taken from ``models[0]``. The result is a deep copy of
     ``models[0]`` (unwrapped from DDP), on its device, in its train/eval mode.
@@ -139,37 +250,39 @@ def average_weights(
     mods = [unwrap(m) for m in models]
     ref = _named_tensors(mods[0])
     srcs = [_named_tensors(m) for m in mods]
+    signature = _signature(ref)
     for i, s in enumerate(srcs[1:], start=1):
-        _check_same_structure(ref, s, f"models[{i}]")
+        if _signature(s) != signature:  # the detailed check names the first difference
+            _check_same_structure(ref, s, f"models[{i}]")
     pick = [
         j
         for j, (_, t, is_param) in enumerate(ref)
         if _averageable(t) and (is_param or buffers == "average")
     ]
+    # models with weight 0 are skipped; the others get their lerp fraction w / (seen + w)
+    used, fractions, seen = [srcs[0]], [], ws[0]
+    for src, w in zip(srcs[1:], ws[1:], strict=True):
+        if w > 0:
+            used.append(src)
+            fractions.append(w / (seen + w))
+            seen += w
     # The averages are computed into fresh tensors that deepcopy then uses (its memo), so
     # models[0]'s weights are never copied only to be overwritten.
     memo: dict[int, Any] = {}
-    others = [(src, w) for src, w in zip(srcs[1:], ws[1:], strict=True) if w > 0]
     for group in _group(pick, [t for _, t, _ in ref]):
-        dtype, device = ref[group[0]][1].dtype, ref[group[0]][1].device
-        low = dtype in (torch.float16, torch.bfloat16)
-
-        seen = ws[0]  # acc: the weighted mean of the models so far, one lerp per model
-        if others:
-            (src, w), rest = others[0], others[1:]
-            acc = torch._foreach_lerp(
-                _take(ref, group, device, low), _take(src, group, device, low), w / (seen + w)
-            )
-            seen += w
-        else:
-            acc, rest = [t.clone() for t in _take(ref, group, device, low)], []
-        for src, w in rest:
-            torch._foreach_lerp_(acc, _take(src, group, device, low), w / (seen + w))
-            seen += w
-        for j, t in zip(group, acc, strict=True):
-            t = t.to(dtype) if low else t
+        device = ref[group[0]][1].device
+        on_cpu = device.type == "cpu"
+        inputs = [
+            [
+                t if (t.is_cpu if on_cpu else t.device == device) else t.to(device)
+                for t in (src[j][1] for j in group)
+            ]
+            for src in used
+        ]
+        for j, t in zip(group, _average_group(inputs, fractions), strict=True):
             _, orig, is_param = ref[j]
             memo[id(orig)] = nn.Parameter(t, orig.requires_grad) if is_param else t
+    _fresh_containers(mods[0], memo)
     return copy.deepcopy(mods[0], memo)
 
 
