@@ -343,8 +343,7 @@ def run_ablation(
     from trainwell.study.checks import check_study
     from trainwell.study.execute import run_study
     from trainwell.study.failures import failure_summary
-    from trainwell.study.report import print_table, write_report
-    from trainwell.study.statistics import summarize
+    from trainwell.study.report import print_table, study_rows, write_report
     from trainwell.study.store import Store, default_url
 
     check_study(raw, seeds)  # before anything is created or trained
@@ -355,7 +354,7 @@ def run_ablation(
     study = run_study(raw, store, name=name, seeds=seeds, jobs=jobs, progress=not quiet,
                       retry_failed=retry_failed)  # fmt: skip
     path = write_report(store, out, name)
-    print_table(summarize(store.runs(study)), console)
+    print_table(study_rows(store, name), console)
     console.print(f"wrote {path} and {out / 'summary.png'}")
     failed = failure_summary(store, study, out)
     if failed:
@@ -407,15 +406,14 @@ def report(
     study: Annotated[str | None, typer.Option(help="Study name (default: the newest).")] = None,
 ) -> None:
     """Rebuild report.html and summary.png of a study from its results store."""
-    from trainwell.study.report import print_table, write_report
-    from trainwell.study.statistics import summarize
+    from trainwell.study.report import print_table, study_rows, write_report
     from trainwell.study.store import Store, default_url
 
     if db is None and not (run_dir / "results.sqlite").is_file():
         fail(f"{run_dir}: no results.sqlite here; pass --db URL for another store")
     store = Store(db or default_url(run_dir), create=False)
     path = write_report(store, run_dir, study)
-    print_table(summarize(store.runs(store.study_id(study))), console)
+    print_table(study_rows(store, study), console)
     console.print(f"wrote {path}")
 
 

@@ -46,6 +46,12 @@ def test_paired_difference_and_verdict(study):
     by = {(r["variant"], r["seed"]): r["final"]["test_nll"] for r in runs if r["status"] == "done"}
     diffs = [by[("l2=0.01", s)] - by[("base", s)] for s in (0, 1)]
     assert l2["d_test_nll"] == pytest.approx(mean_ci(diffs))
+    a, b = ([by[(v, s)] for s in (0, 1)] for v in ("l2=0.01", "base"))
+    assert l2["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    family = [r["p"] for r in rows if r["n"] and r["variant"] != "base"]  # l2, ema, EMA weights
+    assert len(family) == 3 and l2["p_adj"] == pytest.approx(
+        max(min(1.0, (3 - i) * p) for i, p in enumerate(sorted(family)) if p <= l2["p"])
+    )
     assert any(r["variant"] == "ema [EMA weights]" for r in rows)
     assert "failed: bad" in verdict(rows)
 
@@ -55,6 +61,9 @@ def test_report_in_headless_chromium(study):
     path = write_report(store, out)
     text = path.read_text(encoding="utf-8")
     assert text.count("data:image/png;base64,") >= 3
+    # the recommendation first, then the table (with its adjusted-p column), then figures
+    assert text.index("<h2>Recommendation</h2>") < text.index("<th>p (Holm)</th>")
+    assert text.index("<th>p (Holm)</th>") < text.index("data:image/png")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Chromium is not installed (apt-get install chromium); HTML checked without it")

@@ -24,8 +24,7 @@ from trainwell.app.entry_points import reference
 from trainwell.study.checks import check_study
 from trainwell.study.execute import run_study
 from trainwell.study.failures import FailedRun, failed_runs, failure_summary
-from trainwell.study.report import verdict, write_report
-from trainwell.study.statistics import summarize
+from trainwell.study.report import study_rows, verdict, write_report
 from trainwell.study.store import Store, default_url
 
 
@@ -139,5 +138,5 @@ def ablate(
     report = write_report(store, out, name)
     failure_summary(store, study, out)  # writes failures.txt when runs failed
     runs = store.runs(study)
-    rows = summarize(runs)
+    rows = study_rows(store, name)
     return StudyResult(rows, runs, report, store.url, verdict(rows), failed_runs(store, study))

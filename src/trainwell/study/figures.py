@@ -2,13 +2,13 @@
 
 ``draw_all`` writes summary.png (effect sizes with intervals and cost), the
 learning curves overlaid per data size with early-stopping points, the strength
-curves (the primary test metric against each grid key, one line per data size) and the
-gradient-norm traces of runs that monitored them.
+effects (the paired test effect vs base against each grid key's strength, one line per
+data size, the strength chosen on validation ringed) and the gradient-norm traces of
+runs that monitored them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import matplotlib
 
 from trainwell.app.tasks import METRIC_NAMES, higher_is_better
+from trainwell.study.recommend import best_on_validation, short_key, strength, strength_groups
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -114,60 +115,49 @@ def learning_curves(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _value(config: dict[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def log_axis(values: list[float]) -> bool:
+    """A log x-axis for strengths that are all positive and span more than 10x.
+
+    Example:
+        >>> log_axis([1e-4, 1e-2]), log_axis([0.2, 0.5]), log_axis([0.0, 1e-2])
+        (True, False, False)
+    """
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 10
 
 
-def strength_curves(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> bool:
-    """The primary test metric against each numeric grid key, one line per data size; False
-    if the study has no numeric grid key."""
-    keys: dict[str, None] = {}
-    for r in runs:
-        if len(r["overrides"]) == 1:
-            (key, value), = r["overrides"].items()  # fmt: skip
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                keys[key] = None
-    if not keys:
+def strength_effects(rows: list[dict[str, Any]], path: Path) -> bool:
+    """The primary test effect vs base against strength, one line per data size.
+
+    One panel per grid key with two or more strengths (:func:`recommend.strength_groups`):
+    the mean paired difference from the base with its 95% t-interval at each strength; the
+    dashed line at zero is the base, a ring marks the strength chosen on validation. The
+    x-axis is logarithmic when every strength is positive and they span more than 10x.
+    False when no key has two strengths.
+    """
+    groups = strength_groups(rows)
+    if not groups:
         return False
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False,
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.8 * len(groups), 3.8), squeeze=False,
                              constrained_layout=True)  # fmt: skip
-    primary = rows[0]["metrics"][0] if rows else "test_nll"
-    nll = {(r["data"], r["variant"]): r[primary] for r in rows}
-    datas = list(dict.fromkeys(r["data"] for r in rows))
-    for ax, key in zip(axes[0], keys, strict=False):
-        for j, data in enumerate(datas):
-            points = {}
-            for r in runs:
-                if r["data"] != data:
-                    continue
-                if r["variant"] == "base":
-                    value = _value(json.loads(r["config"] or "{}"), key)
-                elif list(r["overrides"]) == [key]:
-                    value = r["overrides"][key]
-                else:
-                    continue
-                if isinstance(value, (int, float)) and (data, r["variant"]) in nll:
-                    points[float(value)] = nll[(data, r["variant"])]
-            if key.endswith(("l1", "l2", "weight_decay")) and points:
-                points.setdefault(0.0, nll.get((data, "base"), (math.nan, math.nan)))
-            xs = sorted(x for x in points if math.isfinite(x))
-            if not xs:
-                continue
-            ms = [points[x][0] for x in xs]
-            hs = [points[x][1] if math.isfinite(points[x][1]) else 0.0 for x in xs]
-            ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=data, color=COLORS[j % 10])
-        positive = [
-            x for r in runs for x in [r["overrides"].get(key)] if isinstance(x, (int, float))
-        ]
-        if positive and min(positive) > 0 and max(positive) / min(positive) >= 100:
-            ax.set_xscale("symlog", linthresh=min(positive))
-        label = METRIC_NAMES.get(primary, primary)
-        ax.set(title=key, xlabel="value", ylabel=f"test {label} (mean ± 95% CI)")
+    key_d, ylabel, scale = _panel(rows[0]["metrics"][0])
+    for ax, (key, by_data) in zip(axes[0], groups.items(), strict=False):
+        values = []
+        for j, (data, group) in enumerate(by_data.items()):
+            color = COLORS[j % len(COLORS)]
+            xs = [strength(r)[1] for r in group]  # type: ignore[index]
+            ms = [r[key_d][0] * scale for r in group]
+            hs = [r[key_d][1] * scale if math.isfinite(r[key_d][1]) else 0.0 for r in group]
+            ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=data, color=color)
+            best = best_on_validation(group)
+            if best is not None:
+                x = strength(best)[1]  # type: ignore[index]
+                ax.plot(x, best[key_d][0] * scale, "o", ms=14, mfc="none", mec=color, mew=1.8)
+            values += xs
+        ax.axhline(0.0, color="#555", lw=1, ls="--")
+        if log_axis(values):
+            ax.set_xscale("log")
+        name = short_key(key)
+        ax.set(title=name, xlabel=f"{name} (ring: chosen on validation)", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
     fig.savefig(path, dpi=100)
@@ -211,8 +201,8 @@ def draw_all(
     summary_figure(rows, figures[0][1])
     figures.append(("Learning curves (x: early stopping stopped)", out_dir / "curves.png"))
     learning_curves(runs, figures[-1][1])
-    if strength_curves(runs, rows, out_dir / "strength.png"):
-        figures.append(("Strength vs data size", out_dir / "strength.png"))
+    if strength_effects(rows, out_dir / "strength.png"):
+        figures.append(("Effect of each strength by data size", out_dir / "strength.png"))
     if grad_traces(runs, out_dir / "grad_norms.png"):
         figures.append(("Gradient-norm traces", out_dir / "grad_norms.png"))
     return figures

@@ -5,6 +5,8 @@ The ``[ablation]`` section of a run config describes the study::
     [ablation]
     mode = "one-at-a-time"          # or "grid": every combination of the grid keys
     seeds = 3
+    metric = "val_nll"              # chosen on (validation), compared by its test twin
+    correction = "holm"             # or "bh" (Benjamini-Hochberg) or "none"
     [ablation.grid]                 # strength grids, one variant per value
     l2 = [1e-4, 1e-3]               # short names: l1 l2 weight_decay dropout.p clip.max_norm ...
     "model.dropout" = [0.2, 0.5]    # or any dotted config key
@@ -18,7 +20,8 @@ config; :mod:`trainwell.study.checks` validates them before anything trains, and
 :class:`~trainwell.app.config.ConfigError` with one line per problem: a key of the
 section that does not exist, a value of the wrong type, a grid key that is neither a
 short name nor a config key, a grid entry that is not a non-empty list, two variants
-with one label.
+with one label, a ``metric`` the validation does not report or whose direction is
+unknown, a ``correction`` other than holm / bh / none.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,8 +57,10 @@ ALIASES = {
     "train_fraction": "data.train_fraction",
     "train_size": "data.train_size",
 }
-SPEC_KEYS = {"name", "mode", "seeds", "grid", "variants", "base"}
+SPEC_KEYS = {"name", "mode", "seeds", "grid", "variants", "base", "metric", "correction"}
 MODES = ("one-at-a-time", "grid")
+CORRECTIONS = ("holm", "bh", "none")
+METRIC_NAME = re.compile(r"val_[A-Za-z0-9_]+")
 
 
 @dataclass
@@ -214,6 +220,17 @@ def _read_spec(spec: Any, seeds: int | None) -> tuple[dict[str, Any], list[str]]
     mode = spec.get("mode", "one-at-a-time")
     if mode not in MODES:
         problems.append(f"ablation.mode must be 'one-at-a-time' or 'grid', got {_shown(mode)}")
+    metric = spec.get("metric", "val_nll")
+    if not isinstance(metric, str) or not METRIC_NAME.fullmatch(metric):
+        problems.append(
+            'ablation.metric must be a validation metric name such as "val_nll", '
+            f'"val_acc", "val_loss", "val_mse" or "val_<your metric>", got {_shown(metric)}'
+        )
+    correction = spec.get("correction", "holm")
+    if correction not in CORRECTIONS:
+        problems.append(
+            f"ablation.correction must be 'holm', 'bh' or 'none', got {_shown(correction)}"
+        )
     n_seeds = seeds if seeds is not None else spec.get("seeds", 3)
     if not _is_int(n_seeds) or n_seeds < 1:
         where = "seeds" if seeds is not None else "ablation.seeds"
@@ -276,6 +293,13 @@ def plan_study(raw: dict[str, Any], seeds: int | None = None) -> list[PlannedRun
     if problems:
         raise ConfigError("\n".join(problems))
     base = base_config(raw)
+    if "metric" in raw.get("ablation", {}):
+        from trainwell.study.statistics import primary_metric
+
+        try:
+            primary_metric(base, raw["ablation"]["metric"])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     grid = spec["grid"]
     data_axes = {k: v for k, v in grid.items() if k.startswith("data.")}
     axes = {k: v for k, v in grid.items() if not k.startswith("data.")}

@@ -1,21 +1,50 @@
-"""The report of an ablation study: a verdict, an HTML page and a terminal table.
+"""The report of an ablation study: the recommendation, an HTML page and a terminal table.
 
-The numbers come from :mod:`trainwell.study.statistics`. The verdict is written from
-them: a difference whose paired interval excludes zero is called an improvement or a
-degradation, anything else "no measurable difference".
+The numbers come from :mod:`trainwell.study.statistics` (means, intervals, paired
+t-tests), :mod:`trainwell.study.comparisons` (p-values adjusted for the study's family of
+comparisons) and :mod:`trainwell.study.recommend` (winners chosen on validation, reported
+on test). Both the page and the terminal output open with the recommendation per data
+size, then the results table, then every comparison in words and the figures. A variant
+helps or hurts only when its adjusted p-value is below 0.05; anything else is "no
+difference after correction".
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any
 
-from trainwell.app.tasks import METRIC_NAMES, higher_is_better
+from sqlalchemy import select
+
+from trainwell.app.tasks import METRIC_NAMES
+from trainwell.study.comparisons import CORRECTIONS
+from trainwell.study.recommend import metric_words, p_text, recommendation, strength_sentences
 from trainwell.study.statistics import summarize
-from trainwell.study.store import Store
+from trainwell.study.store import Store, study_table
+
+REFERENCES = {
+    "holm": "Holm's step-down correction (Holm 1979)",
+    "bh": "the Benjamini-Hochberg correction (Benjamini & Hochberg 1995)",
+    "none": "no correction",
+}
+
+
+def study_settings(store: Store, study_id: int) -> dict[str, Any]:
+    """``{"metric", "correction"}`` from the study's ``[ablation]`` section in the store."""
+    with store.engine.connect() as conn:
+        spec = conn.execute(select(study_table.c.spec).where(study_table.c.id == study_id)).scalar()
+    section = json.loads(spec or "{}").get("ablation") or {}
+    return {"metric": section.get("metric"), "correction": section.get("correction", "holm")}
+
+
+def study_rows(store: Store, study: str | None = None) -> list[dict[str, Any]]:
+    """The summary rows of a study, with its ``[ablation] metric`` and ``correction``."""
+    study_id = store.study_id(study)
+    return summarize(store.runs(study_id), **study_settings(store, study_id))
 
 
 def _scale(metric: str) -> float:
@@ -38,43 +67,68 @@ def _metrics(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     return rows[0]["metrics"] if rows else ("test_nll", "test_acc", "test_ece")
 
 
-def _effect(row: dict[str, Any], metric: str) -> str:
-    """'improved' / 'worsened' / 'no measurable' for a paired difference."""
-    d, h = row[f"d_{metric}"]
-    if not math.isfinite(d) or not math.isfinite(h) or abs(d) <= h:
-        return "none"
-    better = (d > 0) == bool(higher_is_better(metric))
-    return "improved" if better else "worsened"
+def _correction(rows: list[dict[str, Any]]) -> str:
+    return rows[0]["correction"] if rows else "holm"
+
+
+def _selection(rows: list[dict[str, Any]]) -> str:
+    """``val_nll`` -> ``validation NLL``."""
+    return metric_words(rows[0]["selection"] if rows else "val_nll")
+
+
+def _family(rows: list[dict[str, Any]]) -> int:
+    return sum(math.isfinite(r["p"]) for r in rows)
+
+
+def _adjusted(rows: list[dict[str, Any]]) -> str:
+    """``, adjusted with Holm's ... over the 26 comparisons of this study``."""
+    method, family = _correction(rows), _family(rows)
+    if method == "none":
+        return f", not adjusted for the {family} comparisons of this study"
+    return f", adjusted with {REFERENCES[method]} over the {family} comparisons of this study"
+
+
+def rule(rows: list[dict[str, Any]]) -> str:
+    """How the recommendation was reached, in one sentence."""
+    return (
+        f"Winners are chosen on {_selection(rows)} (at the epoch whose weights were tested) "
+        "and reported on test; [low, high] is the 95% t-interval of the paired difference "
+        f"from the base over seeds, p its paired t-test p-value{_adjusted(rows)}."
+    )
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
-    """A plain-language paragraph computed from the summary rows."""
+    """Every comparison in plain language, computed from the summary rows."""
     sentences = []
-    primary, secondary = _metrics(rows)[:2]
+    metrics = _metrics(rows)
+    primary, secondary = metrics[0], metrics[1] if len(metrics) > 1 else None
     name = METRIC_NAMES.get(primary, primary)
+    method = _correction(rows)
+    after = "" if method == "none" else f" after {CORRECTIONS[method]} correction"
     for data in dict.fromkeys(r["data"] for r in rows):
         group = [r for r in rows if r["data"] == data and r["variant"] != "base" and r["n"]]
-        better, worse, none = [], [], []
+        found: dict[str, list[str]] = {"helps": [], "hurts": [], "none": []}
         for row in group:
             d, h = row[f"d_{primary}"]
-            text = f"{row['variant']} ({'+' if d >= 0 else ''}{d:.3g} ± {h:.3g} {name}"
-            text += f", {_diff_text(row, secondary)}, {row['cost']:.2g}x time)"
-            kind = _effect(row, primary)
-            (better if kind == "improved" else worse if kind == "worsened" else none).append(text)
+            text = f"{row['variant']} ({'+' if d >= 0 else ''}{d:.3g} ± {h:.3g} {name}, "
+            text += f"adjusted p {p_text(row['p_adj'])}"
+            text += f", {_diff_text(row, secondary)}" if secondary else ""
+            found[row["effect"]].append(text + f", {row['cost']:.2g}x time)")
         parts = []
-        if better:
-            parts.append(f"improved test {name}: " + "; ".join(better))
-        if worse:
-            parts.append(f"made test {name} worse: " + "; ".join(worse))
-        if none:
-            names = ", ".join(t.split(" (")[0] for t in none)
-            parts.append(f"made no measurable difference to test {name}: {names}")
-        scored = [r for r in rows if r["data"] == data and r["n"] and math.isfinite(r[primary][0])]
+        if found["helps"]:
+            parts.append(f"improved test {name}: " + "; ".join(found["helps"]))
+        if found["hurts"]:
+            parts.append(f"made test {name} worse: " + "; ".join(found["hurts"]))
+        if found["none"]:
+            names = ", ".join(t.split(" (")[0] for t in found["none"])
+            parts.append(f"made no difference to test {name}{after}: {names}")
+        scored = [r for r in rows if r["data"] == data and r["n"] and math.isfinite(r["val"][0])]
         if scored:
-            high = bool(higher_is_better(primary))
-            best = (max if high else min)(scored, key=lambda r: r[primary][0])
-            word = "highest" if high else "lowest"
-            parts.append(f"{word} mean test {name}: {best['variant']} ({best[primary][0]:.4g})")
+            best = (max if scored[0]["higher"] else min)(scored, key=lambda r: r["val"][0])
+            parts.append(
+                f"best on {_selection(rows)}: {best['variant']} "
+                f"(test {name} {best[primary][0]:.4g})"
+            )
         failed = sorted({r["variant"] for r in rows if r["data"] == data and r["failed"]})
         if failed:
             parts.append("failed: " + ", ".join(failed))
@@ -83,8 +137,8 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     n = max((r["n"] for r in rows), default=0)
     tail = (
         f" Differences are paired over {n} seeds (same data split and initialisation as the "
-        "base); ± is the 95% t-interval, and a difference whose interval contains zero is "
-        "reported as no measurable difference."
+        "base); ± is the 95% t-interval of each comparison. A variant improves or worsens "
+        f"the test metric only when its paired t-test p-value{_adjusted(rows)}, is below 0.05."
     )
     return " ".join(sentences) + tail
 
@@ -102,31 +156,48 @@ def _shown(rows: list[dict[str, Any]]) -> list[str]:
     return sorted(_metrics(rows), key=lambda m: not m.endswith("_acc"))
 
 
+def _p_header(rows: list[dict[str, Any]]) -> str:
+    return {"holm": "p (Holm)", "bh": "p (BH)", "none": "p"}[_correction(rows)]
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and string cells of the results table (shared by HTML and terminal)."""
-    header = ["data", "variant", "seeds"]
+    """Header and string cells of the results table (shared by HTML and terminal).
+
+    The validation column is what winners are chosen on; the adjusted p-value column
+    follows the primary metric's paired difference.
+    """
+    primary = _metrics(rows)[0]
+    val_scale = _scale(primary)
+    header = ["data", "variant", "seeds", _selection(rows).replace("validation", "val")]
     for m in _shown(rows):
         header += ["test acc %" if m.endswith("_acc") else f"test {_label(m)}", f"Δ {_label(m)}"]
+        header += [_p_header(rows)] if m == primary else []
     header += ["time", "stopped at epoch", "status"]
     out = []
     for r in rows:
         stops = ", ".join(str(s + 1) for s in r["stops"] if s is not None) or "–"
         status = "ok" if not r["failed"] else f"{len(r['failed'])} failed: {r['failed'][0]}"
-        cells = [r["data"], r["variant"], str(r["n"])]
+        digits = 1 if primary.endswith("_acc") else 3
+        cells = [r["data"], r["variant"], str(r["n"]), _fmt(r["val"], digits, val_scale)]
         for m in _shown(rows):
             digits = 1 if m.endswith("_acc") else 3
             cells += [_fmt(r[m], digits, _scale(m)), _fmt(r[f"d_{m}"], digits, _scale(m), True)]
+            cells += [p_text(r["p_adj"])] if m == primary else []
         cost = f"{r['cost']:.2f}x" if math.isfinite(r["cost"]) else "–"
         out.append([*cells, cost, stops, status])
     return header, out
 
 
 def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
-    """The results table and verdict in the terminal (rich)."""
+    """The recommendation, the results table and every comparison in the terminal (rich)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
+    console.print("[bold]Recommendation[/bold]")
+    for line in [*recommendation(rows), *strength_sentences(rows)]:
+        console.print(f"  {line}", highlight=False, markup=False)
+    console.print(rule(rows), highlight=False, markup=False)
     header, cells = table_rows(rows)
     for data in dict.fromkeys(r["data"] for r in rows):
         title = f"{data}: mean ± 95% CI over seeds; Δ paired vs base"
@@ -137,7 +208,7 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
             if row[0] == data:
                 table.add_row(*row[1:-1], row[-1][:40])
         console.print(table)
-    console.print(verdict(rows))
+    console.print(verdict(rows), markup=False)
 
 
 def _img(path: Path, alt: str) -> str:
@@ -161,29 +232,50 @@ figure{margin:1rem 0} img{max-width:100%;border:1px solid #e3e6ea;border-radius:
 """
 
 
-def write_report(store: Store, out_dir: str | Path, study: str | None = None) -> Path:
-    """Write ``report.html`` (self-contained) and ``summary.png`` into ``out_dir``."""
-    from trainwell.study import figures
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    study_id = store.study_id(study)
-    runs = store.runs(study_id)
-    rows = summarize(runs)
-    drawn = figures.draw_all(runs, rows, out_dir)
+def _table_html(rows: list[dict[str, Any]]) -> list[str]:
+    """The results table; the primary difference and its p-value coloured by the verdict."""
     header, cells = table_rows(rows)
+    primary = _metrics(rows)[0]
+    judged = (f"Δ {_label(primary)}", _p_header(rows))
     body = ["<table id='results'><thead><tr>"]
     body += [f"<th>{html.escape(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
     for row, text in zip(rows, cells, strict=False):
         cls = "base" if row["variant"] == "base" else "failed" if not row["n"] else ""
         body.append(f"<tr class='variant {cls}'>")
         for h, cell in zip(header, text, strict=False):
-            metric = {f"Δ {_label(m)}": m for m in _metrics(rows)}.get(h)
-            kind = _effect(row, metric) if metric else "none"
-            css = {"improved": " class='good'", "worsened": " class='bad'"}.get(kind, "")
+            kind = row["effect"] if h in judged else "none"
+            css = {"helps": " class='good'", "hurts": " class='bad'"}.get(kind, "")
             body.append(f"<td{css}>{html.escape(cell)}</td>")
         body.append("</tr>")
     body.append("</tbody></table>")
+    return body
+
+
+def _recommendation_html(rows: list[dict[str, Any]]) -> list[str]:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in recommendation(rows))
+    strengths = "".join(f"<li>{html.escape(s)}</li>" for s in strength_sentences(rows))
+    out = ["<h2>Recommendation</h2>", f"<div class='verdict' id='recommendation'><ul>{items}</ul>"]
+    if strengths:
+        out.append(f"<p><b>Strength by data size</b></p><ul id='strengths'>{strengths}</ul>")
+    out.append(f"<p class='sub'>{html.escape(rule(rows))}</p></div>")
+    return out
+
+
+def write_report(store: Store, out_dir: str | Path, study: str | None = None) -> Path:
+    """Write ``report.html`` (self-contained) and ``summary.png`` into ``out_dir``.
+
+    The page opens with the recommendation per data size, then the results table, then
+    every comparison in words and the figures; the study's ``[ablation] metric`` and
+    ``correction`` are read from the store.
+    """
+    from trainwell.study import figures
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_id = store.study_id(study)
+    runs = store.runs(study_id)
+    rows = summarize(runs, **study_settings(store, study_id))
+    drawn = figures.draw_all(runs, rows, out_dir)
     n_done = sum(r["status"] == "done" for r in runs)
     n_failed = sum(r["status"] == "failed" for r in runs)
     page = [
@@ -192,16 +284,18 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
         "<h1>trainwell ablation report</h1>",
         f"<p class='sub'>{len(runs)} runs ({n_done} done, {n_failed} failed) · "
         f"{len({r['variant'] for r in runs})} variants · store: {html.escape(store.url)}</p>",
-        f"<h2>Verdict</h2><p class='verdict'>{html.escape(verdict(rows))}</p>",
-        "<h2>Summary</h2>",
-        *(_img(path, title) for title, path in drawn[:1]),
+        *_recommendation_html(rows),
         "<h2>Results</h2>",
-        "<p>Mean ± 95% confidence interval over seeds. Δ is the paired difference from the "
-        "base run with the same data size and seed (green: better, red: worse, interval "
-        "excludes zero). Time is training time relative to the base. Rows marked "
-        "[EMA weights] / [SWA weights] score the averaged model of the same runs.</p>",
-        *body,
-        *(f"<h2>{html.escape(title)}</h2>{_img(path, title)}" for title, path in drawn[1:]),
+        f"<p>Mean ± 95% confidence interval over seeds. Δ is the paired difference from the "
+        f"base run with the same data size and seed; {_p_header(rows)} is its paired t-test "
+        f"p-value on the primary metric{_adjusted(rows)} (green: better, red: worse, "
+        f"p < 0.05). {html.escape(_selection(rows)).replace('validation', 'Validation', 1)} "
+        "is at the epoch whose weights were tested. Time is training time relative to the "
+        "base. Rows marked [EMA weights] / [SWA weights] score the averaged model of the same "
+        "runs.</p>",
+        *_table_html(rows),
+        f"<h2>Every comparison</h2><p class='verdict'>{html.escape(verdict(rows))}</p>",
+        *(f"<h2>{html.escape(title)}</h2>{_img(path, title)}" for title, path in drawn),
         "</body></html>",
     ]
     path = out_dir / "report.html"
