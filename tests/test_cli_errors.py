@@ -161,6 +161,12 @@ ROWS: list[Row] = [
     ("an unknown grid key", lambda t: ablation(t, "l3 = [0.1]"), 2, ["l3", "l2"]),
     ("a grid value the schema refuses", lambda t: ablation(t, "l2 = [-1.0]"), 2,
      ["regularization.l2"]),
+    ("an unknown --executor", lambda t: ablation(t, "l2 = [1e-3]", "--executor", "slurm"), 2,
+     ["--executor", "slurm"]),
+    ("--address without --executor ray",
+     lambda t: ablation(t, "l2 = [1e-3]", "--address", "10.0.0.1:6379"), 2, ["--executor ray"]),
+    ("a bad [ablation.resources] table",
+     lambda t: ablation(t, "l2 = [1e-3]\n[ablation.resources]\ncpus = -1"), 2, ["cpus"]),
     ("a study whose runs fail", ablation_of_failing_runs, 1, ["2 of 2", "failures.txt"]),
     # failures during training
     ("gradients NaN past the guard", lambda t: ["run", config(t), "-q", *EXPLODE], 1,

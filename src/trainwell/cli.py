@@ -318,7 +318,29 @@ SeedsOption = Annotated[
 ]
 JobsOption = Annotated[
     int | None,
-    typer.Option("--jobs", "-j", min=1, help="Worker processes (one torch thread each)."),
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Runs at once: worker processes (one torch thread each), or Ray tasks in flight "
+        "(default: what the cluster fits).",
+    ),
+]
+ExecutorOption = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        help="Where runs train: local (worker processes, the default) or ray (one Ray task "
+        "per run, asking for [ablation.resources]; pip install 'trainwell[ray]').",
+    ),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray cluster to run on (HEAD:6379, or auto for the one on this machine); "
+        "default: start Ray here. Only with --executor ray.",
+    ),
 ]
 DbOption = Annotated[
     str | None,
@@ -335,6 +357,8 @@ def run_ablation(
     db: str | None,
     quiet: bool,
     retry_failed: bool = False,
+    executor: str = "local",
+    address: str | None = None,
 ) -> None:
     """Check every planned run, run (or resume) the study into its store, then write and
     print its report; exit 1 when runs failed, naming the file with their messages."""
@@ -346,13 +370,18 @@ def run_ablation(
     from trainwell.study.report import print_table, study_rows, write_report
     from trainwell.study.store import Store, default_url
 
+    if executor not in ("local", "ray"):
+        fail(f"--executor must be 'local' or 'ray', got {executor!r}")
+    if address is not None and executor != "ray":
+        fail(f"--address {address} names a Ray cluster: pass --executor ray too")
     check_study(raw, seeds)  # before anything is created or trained
     name = name or str(raw["ablation"].get("name", "study"))
     out.mkdir(parents=True, exist_ok=True)
-    jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+    if executor == "local":
+        jobs = jobs or max(1, min(4, os.cpu_count() or 1))
     store = Store(db or default_url(out))
     study = run_study(raw, store, name=name, seeds=seeds, jobs=jobs, progress=not quiet,
-                      retry_failed=retry_failed)  # fmt: skip
+                      retry_failed=retry_failed, executor=executor, address=address)  # fmt: skip
     path = write_report(store, out, name)
     print_table(study_rows(store, name), console)
     console.print(f"wrote {path} and {out / 'summary.png'}")
@@ -371,6 +400,8 @@ def ablate(
     db: DbOption = None,
     quiet: QuietOption = False,
     retry_failed: Annotated[bool, typer.Option(help="Run failed runs again on resume.")] = False,
+    executor: ExecutorOption = "local",
+    address: AddressOption = None,
 ) -> None:
     """Train the base config and its variants over seeds; store results and write the report.
 
@@ -395,6 +426,8 @@ def ablate(
         db,
         quiet,
         retry_failed,
+        executor,
+        address,
     )
 
 

@@ -1,4 +1,4 @@
-"""Executing a planned study: every unfinished run, in this process or in worker processes.
+"""Executing a planned study: every unfinished run, here, in worker processes or on Ray.
 
 Each (variant, data size, seed) is one run, planned in the results store first; a
 study run again skips the runs that finished and restarts the ones a kill cut off.
@@ -9,6 +9,8 @@ Every planned run's config is checked before the store is touched
 A run that raises while training (diverged loss, user code that fails) is stored as
 failed with a one-line message (:func:`trainwell.study.failures.error_line`) and the
 study goes on; :func:`trainwell.study.failures.failure_summary` says which failed.
+The local process pool is the default executor; ``executor="ray"`` trains each run as
+a Ray task (:mod:`trainwell.study.executors`), and this process alone writes the store.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -25,6 +28,7 @@ from typing import Any
 
 from trainwell.app.config import validate
 from trainwell.study.checks import check_study
+from trainwell.study.executors import EXECUTORS, read_resources, require_ray, run_on_ray
 from trainwell.study.failures import error_line
 from trainwell.study.owners import new_owner, release_owner
 from trainwell.study.plan import PlannedRun
@@ -92,10 +96,12 @@ def run_study(
     *,
     name: str = "study",
     seeds: int | None = None,
-    jobs: int = 1,
+    jobs: int | None = 1,
     progress: bool = False,
     retry_failed: bool = False,
     lease_s: float = DEFAULT_LEASE_S,
+    executor: str = "local",
+    address: str | None = None,
 ) -> int:
     """Plan the study in ``store``, run every unfinished run, and return the study id.
 
@@ -104,8 +110,13 @@ def run_study(
     the store is written. Runs that fail while training do not raise: they are stored
     as failed; :func:`trainwell.study.failures.failure_summary` reports them.
 
-    ``jobs > 1`` trains in that many spawned worker processes with one torch thread
-    each; ``jobs == 1`` trains in this process (with one torch thread too).
+    ``executor="local"`` (the default): ``jobs > 1`` trains in that many spawned worker
+    processes with one torch thread each; ``jobs == 1`` trains in this process (with one
+    torch thread too); ``jobs=None`` means ``min(4, CPUs)`` workers.
+    ``executor="ray"``: each run is a Ray task asking for ``[ablation.resources]``, on
+    the cluster at ``address`` (or a Ray started here); at most ``jobs`` runs are in
+    flight (``None``: as many as the cluster fits); see :mod:`trainwell.study.executors`.
+    Either way only this process writes the store.
 
     Several processes (on one machine or many) may run the same study on one store:
     each claims one free run at a time (:meth:`Store.claim`), renews its lease every
@@ -116,10 +127,17 @@ def run_study(
     run again). The call returns when no run of the study is left, so every process
     sees the whole study finished.
     """
-    if jobs < 1:
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if address is not None and executor != "ray":
+        raise ValueError(f"address {address!r} is the Ray cluster's: pass executor='ray' too")
+    if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs}")
     if not lease_s > 0:
         raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s}")
+    if executor == "ray":
+        require_ray()  # before anything is planned
+    resources = read_resources(raw.get("ablation"))
     planned = check_study(raw, seeds)
     spec = {"ablation": raw.get("ablation", {}), "seeds": seeds, "runs": len(planned)}
     study_id = store.study(name, spec)
@@ -136,78 +154,120 @@ def run_study(
     tracker = _Tracker(total=len(planned), done=len(planned) - len(todo), enabled=progress)
     owner = new_owner()
     lease = _Lease(store, owner, lease_s)
-    poll = min(0.5, lease_s / 4)  # seconds between asks while other processes hold runs
-
-    def claim() -> int | None:
-        run_id = store.claim(
-            study_id, owner, lease_s, run_ids=by_id, retry_failed_before=retry_before
-        )
-        if run_id is not None:
-            lease.hold(run_id)
-            tracker.started()
-        return run_id
-
-    def others_left() -> bool:
-        """Runs still pending or running elsewhere: wait, a dead claimer's run comes free."""
-        return any(i in by_id for i in store.pending(study_id))
-
-    def record(run_id: int, ok: bool, payload: Any) -> None:
-        lease.drop(run_id)
-        if ok:
-            store.finish(run_id, payload, owner)  # False: the lease ran out, another took it
-        else:
-            store.fail(run_id, payload[0], payload[1], owner)
-        tracker.finished(ok)
-
+    claims = _Claims(store, study_id, by_id, owner, lease, tracker, lease_s, retry_before)
+    local_jobs = jobs or max(1, min(4, os.cpu_count() or 1))
     try:
         with tracker, lease:
-            if jobs == 1:
-                import torch
-
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
-                    while True:
-                        run_id = claim()
-                        if run_id is not None:
-                            record(run_id, *_safe_run(by_id[run_id].raw))
-                        elif others_left():
-                            time.sleep(poll)
-                        else:
-                            break
-                finally:
-                    torch.set_num_threads(threads)
-                return study_id
-            context = get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
-                running: dict[Future, int] = {}
-                next_claim = 0.0  # when to ask the store again after it had nothing free
-                while True:
-                    while len(running) < jobs and time.monotonic() >= next_claim:
-                        run_id = claim()
-                        if run_id is None:
-                            next_claim = time.monotonic() + poll
-                            break
-                        running[pool.submit(_safe_run, by_id[run_id].raw)] = run_id
-                    if not running:
-                        if not others_left():
-                            break
-                        time.sleep(max(0.0, next_claim - time.monotonic()))
-                        continue
-                    finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        run_id = running.pop(future)
-                        try:
-                            ok, payload = future.result()
-                        except Exception as err:  # noqa: BLE001 - a worker died
-                            text = f"worker process failed: {error_line(err)}"
-                            ok, payload = False, (text, None)
-                        record(run_id, ok, payload)
-                        next_claim = 0.0  # a slot is free: claim at once
-                    tracker.tick()
+            if executor == "ray":
+                run_on_ray(claims, _safe_run, jobs=jobs, resources=resources, address=address)
+            elif local_jobs == 1:
+                _run_here(claims)
+            else:
+                _run_in_pool(claims, local_jobs)
     finally:
         release_owner(owner)
     return study_id
+
+
+class _Claims:
+    """The study's runs for an executor: claim one in the store, its config, its result."""
+
+    def __init__(
+        self,
+        store: Store,
+        study_id: int,
+        by_id: dict[int, PlannedRun],
+        owner: str,
+        lease: _Lease,
+        tracker: _Tracker,
+        lease_s: float,
+        retry_before: float | None,
+    ) -> None:
+        self.store, self.study_id, self.by_id, self.owner = store, study_id, by_id, owner
+        self.lease, self.tracker, self.lease_s = lease, tracker, lease_s
+        self.retry_before = retry_before
+        self.poll = min(0.5, lease_s / 4)  # seconds between asks while others hold runs
+
+    def claim(self) -> int | None:
+        run_id = self.store.claim(
+            self.study_id,
+            self.owner,
+            self.lease_s,
+            run_ids=self.by_id,
+            retry_failed_before=self.retry_before,
+        )
+        if run_id is not None:
+            self.lease.hold(run_id)
+            self.tracker.started()
+        return run_id
+
+    def config(self, run_id: int) -> dict[str, Any]:
+        return self.by_id[run_id].raw
+
+    def others_left(self) -> bool:
+        """Runs still pending or running elsewhere: wait, a dead claimer's run comes free."""
+        return any(i in self.by_id for i in self.store.pending(self.study_id))
+
+    def record(self, run_id: int, ok: bool, payload: Any) -> None:
+        self.lease.drop(run_id)
+        if ok:
+            self.store.finish(run_id, payload, self.owner)  # False: the lease ran out
+        else:
+            self.store.fail(run_id, payload[0], payload[1], self.owner)
+        self.tracker.finished(ok)
+
+    def tick(self) -> None:
+        self.tracker.tick()
+
+
+def _run_here(claims: _Claims) -> None:
+    """Every run in this process, one at a time, with one torch thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        while True:
+            run_id = claims.claim()
+            if run_id is not None:
+                claims.record(run_id, *_safe_run(claims.config(run_id)))
+            elif claims.others_left():
+                time.sleep(claims.poll)
+            else:
+                break
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_in_pool(claims: _Claims, jobs: int) -> None:
+    """Every run in ``jobs`` spawned worker processes with one torch thread each."""
+    context = get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+        running: dict[Future, int] = {}
+        next_claim = 0.0  # when to ask the store again after it had nothing free
+        while True:
+            while len(running) < jobs and time.monotonic() >= next_claim:
+                run_id = claims.claim()
+                if run_id is None:
+                    next_claim = time.monotonic() + claims.poll
+                    break
+                running[pool.submit(_safe_run, claims.config(run_id))] = run_id
+            if not running:
+                if not claims.others_left():
+                    break
+                time.sleep(max(0.0, next_claim - time.monotonic()))
+                continue
+            finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run_id = running.pop(future)
+                try:
+                    ok, payload = future.result()
+                except Exception as err:  # noqa: BLE001 - a worker died
+                    text = f"worker process failed: {error_line(err)}"
+                    ok, payload = False, (text, None)
+                claims.record(run_id, ok, payload)
+                next_claim = 0.0  # a slot is free: claim at once
+            claims.tick()
 
 
 class _Lease:

@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from trainwell.app.config import ConfigError, RunConfig, apply_overrides, validate
+from trainwell.study.executors import resource_problems
 
 ALIASES = {
     "l1": "regularization.l1",
@@ -57,7 +58,8 @@ ALIASES = {
     "train_fraction": "data.train_fraction",
     "train_size": "data.train_size",
 }
-SPEC_KEYS = {"name", "mode", "seeds", "grid", "variants", "base", "metric", "correction"}
+SPEC_KEYS = {"name", "mode", "seeds", "grid", "variants", "base", "metric", "correction",
+             "resources"}  # fmt: skip
 MODES = ("one-at-a-time", "grid")
 CORRECTIONS = ("holm", "bh", "none")
 METRIC_NAME = re.compile(r"val_[A-Za-z0-9_]+")
@@ -231,6 +233,7 @@ def _read_spec(spec: Any, seeds: int | None) -> tuple[dict[str, Any], list[str]]
         problems.append(
             f"ablation.correction must be 'holm', 'bh' or 'none', got {_shown(correction)}"
         )
+    problems += resource_problems(spec.get("resources"))
     n_seeds = seeds if seeds is not None else spec.get("seeds", 3)
     if not _is_int(n_seeds) or n_seeds < 1:
         where = "seeds" if seeds is not None else "ablation.seeds"
