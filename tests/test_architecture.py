@@ -7,8 +7,8 @@ Every module's imports are read with ``ast`` (module level, inside functions and
 
 A module may import its own layer or a lower one, never a higher one. Technique packages
 (regularization, gradients, stopping, checkpoints, averaging, ensembles, metrics) import
-only their own package, ``trainwell.distributed``, the standard library, torch, safetensors
-and numpy. The import graph has no cycle, however long.
+only their own package, ``trainwell.distributed``, the standard library, torch, safetensors,
+numpy and xxhash (the checkpoint checksum). The import graph has no cycle, however long.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ LAYER = {
     "__main__": 6,
     "cli": 6,
 }
-TECHNIQUE_THIRD_PARTY = {"torch", "safetensors", "numpy"}
+TECHNIQUE_THIRD_PARTY = {"torch", "safetensors", "numpy", "xxhash"}
 OPTIONAL = {"ray", "lightning", "pytorch_lightning", "transformers", "tensorboard", "mlflow"}
 
 

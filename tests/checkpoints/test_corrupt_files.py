@@ -58,7 +58,9 @@ def nasty_files(data: bytes) -> dict[str, bytes]:
         "invalid UTF-8 in the header": join(text.encode().replace(b"dtype", b"\xffype", 1), body),
         "manifest metadata a list": edited_manifest(data, lambda m: m.update(metadata=[1])),
         "manifest tensors missing": edited_manifest(data, lambda m: m.pop("tensors")),
-        "manifest state_crc32 a number": edited_manifest(data, lambda m: m.update(state_crc32=7)),
+        "manifest state checksum a number": edited_manifest(
+            data, lambda m: m.update(state_xxh3_64=7)
+        ),
         "__metadata__ a list": join({**header, "__metadata__": [1]}, body),
         "shape of strings": join({**header, key_of_w: {**header[key_of_w], "shape": ["4"]}}, body),
         "unhashable dict key": edited_state(
@@ -88,7 +90,7 @@ def test_nasty_files_raise_checkpoint_error_naming_file_and_field(tmp_path: Path
         "invalid UTF-8 in the header": "header is not valid UTF-8",
         "manifest metadata a list": "manifest metadata must be a JSON object",
         "manifest tensors missing": r"manifest must hold .*missing \['tensors'\]",
-        "manifest state_crc32 a number": "state_crc32 must be a CRC-32",
+        "manifest state checksum a number": "state_xxh3_64 must be 16 lowercase hex digits",
         "__metadata__ a list": "__metadata__ must map names to strings",
         "shape of strings": "shape must be a list of non-negative ints",
         "unhashable dict key": "state entry /opt item 0 has a key that cannot be a dict key",

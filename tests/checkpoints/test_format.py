@@ -45,6 +45,12 @@ def assert_same(a: object, b: object, where: str = "") -> None:
         assert a == b, where
 
 
+#: A version 1 checkpoint (CRC-32 checksums) written by trainwell 0.1, before version 2:
+#: ``save(V1_FILE, rich_state(), metadata=V1_METADATA)``. It must always load.
+V1_FILE = Path(__file__).parent / "data" / "v1.safetensors"
+V1_METADATA = {"step": 7, "metrics": {"val_loss": 0.5}}
+
+
 def rich_state() -> dict:
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -75,14 +81,18 @@ def rich_state() -> dict:
     }
 
 
-def test_round_trip_exact(tmp_path: Path) -> None:
-    state = rich_state()
-    path = save(tmp_path / "c.safetensors", state)
-    loaded = load(path)
-    expected = dict(state)
-    expected["tensors"] = {k: v.contiguous() for k, v in state["tensors"].items()}
+def loaded_rich_state() -> dict:
+    """What ``load`` returns for a saved ``rich_state()``."""
+    expected = rich_state()
+    expected["tensors"] = {k: v.contiguous() for k, v in expected["tensors"].items()}
     expected["np_scalar"] = 0.25  # numpy scalars come back as Python scalars
-    assert_same(expected, loaded)
+    return expected
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
+def test_round_trip_exact(tmp_path: Path, mmap: bool) -> None:
+    path = save(tmp_path / "c.safetensors", rich_state())
+    assert_same(loaded_rich_state(), load(path, mmap=mmap))
 
 
 def test_same_state_same_bytes_and_standard_safetensors(tmp_path: Path) -> None:

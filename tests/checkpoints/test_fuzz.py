@@ -5,8 +5,10 @@ tuples, bytes, numpy arrays and NaN) are mutated in every way a disk, a copy or 
 can damage them: bit flips anywhere, truncation, appended bytes, edits of the length prefix,
 of the tensor offsets and of every header and manifest field (deleted, or replaced by a
 value of the wrong type), malformed tagged entries in the JSON state, deep nesting, invalid
-UTF-8 and lone surrogates. Edits of checksummed text are re-checksummed, so that they reach
-the deep validation instead of stopping at a checksum.
+UTF-8 and lone surrogates. Edits of checksummed text are re-checksummed (with the file's own
+checksum: XXH3-64 in version 2 files, CRC-32 in version 1), so that they reach the deep
+validation instead of stopping at a checksum. Version 1 files (tests/checkpoints/data/
+v1.safetensors, written by trainwell 0.1) get the same mutations.
 
 For each mutated file: ``load`` raises ``CheckpointError`` or returns the original state
 exactly (or, for a re-checksummed edit of the JSON state, a well-formed state that saves
@@ -29,8 +31,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import xxhash
 
-from tests.checkpoints.test_format import assert_same, rich_state
+from tests.checkpoints.test_format import V1_FILE, assert_same, rich_state
 from trainwell import CheckpointError, load, rng_state, save, set_rng_state
 from trainwell.checkpoints.format import read_metadata, verify
 
@@ -80,9 +83,22 @@ def source_files(tmp_path: Path) -> list[tuple[str, bytes]]:
 
 
 # -------------------------------------------------------------------- file surgery
-def crc(text: str) -> str:
+#: The checksum of each format version, by its field name, computed here independently.
+DIGESTS: dict[str, Callable[[bytes], str]] = {
+    "xxh3_64": xxhash.xxh3_64_hexdigest,  # version 2
+    "crc32": lambda data: f"{zlib.crc32(data):08x}",  # version 1
+}
+DIGITS = {"xxh3_64": 16, "crc32": 8}
+
+
+def sum_of(header: dict[str, Any]) -> str:
+    """The checksum a file's header uses: ``xxh3_64`` (version 2) or ``crc32`` (version 1)."""
+    return next(name for name in DIGESTS if f"trainwell_manifest_{name}" in header["__metadata__"])
+
+
+def checksum(text: str, name: str) -> str:
     """The checksum an editor would write (lone surrogates kept, so they reach the parser)."""
-    return f"{zlib.crc32(text.encode('utf-8', 'surrogatepass')):08x}"
+    return DIGESTS[name](text.encode("utf-8", "surrogatepass"))
 
 
 def split(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -102,9 +118,10 @@ def join(header: dict[str, Any] | str | bytes, body: bytes) -> bytes:
 
 
 def with_manifest_text(header: dict[str, Any], text: str) -> dict[str, Any]:
+    name = sum_of(header)
     header = copy.deepcopy(header)
     header["__metadata__"]["trainwell_manifest"] = text
-    header["__metadata__"]["trainwell_manifest_crc32"] = crc(text)
+    header["__metadata__"][f"trainwell_manifest_{name}"] = checksum(text, name)
     return header
 
 
@@ -114,7 +131,8 @@ def with_manifest(header: dict[str, Any], manifest: Any) -> dict[str, Any]:
 
 def with_state_text(header: dict[str, Any], text: str) -> dict[str, Any]:
     manifest = json.loads(header["__metadata__"]["trainwell_manifest"])
-    manifest["state_crc32"] = crc(text)
+    name = sum_of(header)
+    manifest[f"state_{name}"] = checksum(text, name)
     header = with_manifest(header, manifest)
     header["__metadata__"]["trainwell_state"] = text
     return header
@@ -252,12 +270,18 @@ def header_field_edits(data: bytes, rnd: random.Random) -> Iterator[Mutation]:
 def manifest_field_edits(data: bytes, rnd: random.Random) -> Iterator[Mutation]:
     header, body = split(data)
     manifest = manifest_of(header)
-    for field in ("format", "version", "state_crc32", "tensors", "metadata"):
+    name = sum_of(header)
+    state_sum, digits = f"state_{name}", DIGITS[name]
+    for field in ("format", "version", state_sum, "tensors", "metadata"):
         for what, edited in field_edits(manifest, field, rnd, k=5):
             yield f"manifest {what}", join(with_manifest(header, edited), body), "same"
-    for crc32 in ("0000000", "ABCDEF01", "xyzxyzxy", "deadbeef0"):
-        edited = {**manifest, "state_crc32": crc32}
-        yield f"manifest state_crc32={crc32}", join(with_manifest(header, edited), body), "same"
+    bad_digests = (  # one digit short, upper case, not hex, one digit long
+        "0" * (digits - 1), "ABCDEF01" * (digits // 8), ("xyz" * digits)[:digits],
+        "deadbeef" * (digits // 8) + "0",
+    )  # fmt: skip
+    for digest in bad_digests:
+        edited = {**manifest, state_sum: digest}
+        yield f"manifest {state_sum}={digest}", join(with_manifest(header, edited), body), "same"
     extra = {**manifest, "extra": 1}
     yield "manifest extra field", join(with_manifest(header, extra), body), "same"
     for value in ("trainwell-checkpoint2", 1, 2, 1.0, True):
@@ -269,7 +293,7 @@ def manifest_field_edits(data: bytes, rnd: random.Random) -> Iterator[Mutation]:
         )
     tensors = manifest["tensors"]
     for key in rnd.sample(sorted(tensors), min(6, len(tensors))):
-        for field in ("dtype", "shape", "crc32"):
+        for field in ("dtype", "shape", name):
             for what, entry in field_edits(tensors[key], field, rnd, k=3):
                 edited = {**manifest, "tensors": {**tensors, key: entry}}
                 yield (
@@ -282,7 +306,7 @@ def manifest_field_edits(data: bytes, rnd: random.Random) -> Iterator[Mutation]:
             yield f"manifest tensors {what}", join(with_manifest(header, edited), body), "same"
     edited = {
         **manifest,
-        "tensors": {**tensors, "/ghost": {"dtype": "F32", "shape": [], "crc32": "00000000"}},
+        "tensors": {**tensors, "/ghost": {"dtype": "F32", "shape": [], name: "0" * digits}},
     }
     yield "manifest tensor that the header lacks", join(with_manifest(header, edited), body), "same"
     for value in ({"nested": {"metadata": [1, {"x": None}]}}, {"step": "3", "metrics": [1]}):
@@ -410,7 +434,7 @@ def nesting_and_encoding_edits(data: bytes, rnd: random.Random) -> Iterator[Muta
     yield "header: lone surrogate in a tensor name", join(renamed, body), "same"
     edited = copy.deepcopy(header)
     edited["__metadata__"]["\udc80"] = "x"
-    edited["__metadata__"]["trainwell_manifest_crc32"] += "\ud800"
+    edited["__metadata__"][f"trainwell_manifest_{sum_of(header)}"] += "\ud800"
     yield "header: lone surrogates in __metadata__", join(edited, body), "same"
     # ... and as escapes inside the JSON state and the manifest: well-formed strings
     escaped = doc.replace('"', '"\\ud800', 1) if doc.startswith('{"') else doc
@@ -484,11 +508,13 @@ def check(path: Path, data: bytes, oracle: str, original: Any, spare: Path) -> s
     return outcome
 
 
-@pytest.mark.timeout(120)  # about 3 s on a laptop core
-def test_mutated_checkpoints_raise_only_checkpoint_error(tmp_path: Path) -> None:
+def fuzz(tmp_path: Path, files: list[tuple[str, bytes]]) -> None:
+    """Every mutation of ``files`` through ``check``; fails with every mutation that failed."""
     start = time.perf_counter()
-    files = source_files(tmp_path)
-    originals = {name: load(tmp_path / f"{name}.safetensors") for name, _ in files}
+    originals = {}
+    for name, data in files:
+        (tmp_path / f"original-{name}.safetensors").write_bytes(data)
+        originals[name] = load(tmp_path / f"original-{name}.safetensors")
     path, spare = tmp_path / "mutated.safetensors", tmp_path / "spare.safetensors"
     counts: dict[str, int] = {"refused": 0, "loaded": 0}
     failures = []
@@ -505,3 +531,16 @@ def test_mutated_checkpoints_raise_only_checkpoint_error(tmp_path: Path) -> None
     )
     assert total >= 500
     assert counts["refused"] > 0.9 * total
+
+
+@pytest.mark.timeout(120)  # about 3 s on a laptop core
+def test_mutated_checkpoints_raise_only_checkpoint_error(tmp_path: Path) -> None:
+    fuzz(tmp_path, source_files(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_mutated_version_1_checkpoints_raise_only_checkpoint_error(tmp_path: Path) -> None:
+    """A version 1 file (CRC-32) is held to the same rules: its damage is caught the same way."""
+    header, _ = split(V1_FILE.read_bytes())
+    assert sum_of(header) == "crc32" and manifest_of(header)["version"] == 1
+    fuzz(tmp_path, [("v1", V1_FILE.read_bytes())])
