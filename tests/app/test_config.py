@@ -281,3 +281,19 @@ def test_a_dropout_rate_out_of_range_names_its_key_once(value):
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"model.dropout={value}"])
     assert str(err.value).startswith("model.dropout: every rate must be in [0, 1)")
+
+
+def test_split_seed_shares_one_split_across_run_seeds():
+    """data.split_seed fixes the train/val/test split (ensembles of seeds need one test
+    set); by default the split follows the run's seed."""
+    import torch
+
+    from trainwell.app.runner import load_data
+
+    def test_split(*overrides):
+        splits = load_data(load_config(None, ["data.source=wine", *overrides]))
+        return torch.stack([x for x, _ in splits.test])
+
+    assert not torch.equal(test_split("seed=1"), test_split("seed=2"))
+    shared = [test_split(f"seed={s}", "data.split_seed=7") for s in (1, 2)]
+    assert torch.equal(*shared)

@@ -76,6 +76,14 @@ class DataConfig(Section):
     train_size: int | None = Field(
         None, ge=1, le=10**12, description="keep this many training samples"
     )
+    split_seed: int | None = Field(
+        None, ge=0, le=2**31 - 1,
+        description="seed of the train/val/test split and subsample (default: the run's seed)",
+    )  # fmt: skip
+
+    def data_seed(self, run_seed: int) -> int:
+        """The seed that draws the split: ``split_seed``, else the run's own seed."""
+        return run_seed if self.split_seed is None else self.split_seed
 
 
 class ModelConfig(Section):

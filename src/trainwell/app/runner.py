@@ -157,7 +157,7 @@ def load_data(config: RunConfig) -> Splits:
         test_fraction=d.test_fraction,
         train_fraction=d.train_fraction,
         train_size=d.train_size,
-        seed=config.seed,
+        seed=d.data_seed(config.seed),
     )
     if d.collate:
         from trainwell.app.entry_points import resolve_callable

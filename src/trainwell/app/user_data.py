@@ -156,15 +156,15 @@ def load_user_splits(config: Any) -> Splits:
     """The :class:`Splits` of a config whose ``data.target`` is an entry point."""
     d, task = config.data, config.task.kind
     fn = resolve_callable("data.target", d.target)
-    returned = call("data.target", d.target, fn, d.args, {"seed": config.seed})
+    returned = call("data.target", d.target, fn, d.args, {"seed": d.data_seed(config.seed)})
     sets = _as_splits("data.target", d.target, returned)
     labels = targets(sets["train"])  # type: ignore[arg-type]
     n_classes = _check_task(labels, task)
     stratify = labels if task == "classification" else None
-    sets = _carve(sets, stratify, d.val_fraction, d.test_fraction, config.seed)
+    sets = _carve(sets, stratify, d.val_fraction, d.test_fraction, d.data_seed(config.seed))
     train_labels = targets(sets["train"]) if stratify is not None else None
     keep = subsample_indices(
-        len(sets["train"]), train_labels, d.train_fraction, d.train_size, config.seed
+        len(sets["train"]), train_labels, d.train_fraction, d.train_size, d.data_seed(config.seed)
     )
     if len(keep) < len(sets["train"]):
         sets["train"] = Subset(sets["train"], keep)
