@@ -133,3 +133,16 @@ def test_summarize_on_accuracy_compares_and_selects_on_it():
     assert x["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue) and x["p_adj"] == x["p"]
     assert x["effect"] == ("helps" if x["p"] < 0.05 else "none")
     assert math.isnan(rows[0]["p"]) and rows[0]["effect"] == "none"
+
+
+def test_a_sequential_study_reports_the_sequential_p_not_the_plain_t_test():
+    """seeds = {min, max}: the table and verdict use the p-value that accounts for the
+    looks (K x the smallest p over the looks taken), never the plain t-test's."""
+    accs = [(0.80, 0.85), (0.70, 0.78), (0.75, 0.81), (0.72, 0.80)]
+    runs = [_stored(v, s, acc, 0.5) for s, pair in enumerate(accs)
+            for v, acc in zip(("base", "x"), pair, strict=True)]  # fmt: skip
+    fixed = summarize(runs, metric="val_acc", correction="none")[1]["p"]
+    looked = summarize(runs, metric="val_acc", correction="none", looks=(3, 10))[1]["p"]
+    diffs = [x - b for b, x in accs]
+    by_hand = min(1.0, 8 * min(paired_p(diffs[:3]), paired_p(diffs)))
+    assert looked == pytest.approx(by_hand) and looked > fixed

@@ -31,7 +31,8 @@ from trainwell.study.checks import check_study
 from trainwell.study.executors import EXECUTORS, read_resources, require_ray, run_on_ray
 from trainwell.study.failures import error_line
 from trainwell.study.owners import new_owner, release_owner
-from trainwell.study.plan import PlannedRun
+from trainwell.study.plan import PlannedRun, plan_study, seed_bounds
+from trainwell.study.sequential import comparisons, decide, next_seeds
 from trainwell.study.store import DEFAULT_LEASE_S, Store
 
 
@@ -45,7 +46,7 @@ def execute_run(raw: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     config = validate(copy.deepcopy(raw))
-    result, _ = train(config)
+    result, model = train(config)
     losses = [row.get("train_loss", 0.0) for row in result.history]
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None or not all(math.isfinite(v) for v in result.test.values()):
@@ -57,7 +58,7 @@ def execute_run(raw: dict[str, Any]) -> dict[str, Any]:
     if torch.cuda.is_available() and resolve_device(config.device).startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     keep = ("step", "grad_norm")
-    return {
+    payload = {
         "history": result.history,
         "test": result.test,
         "extra": {k: v for k, v in result.extra.items() if isinstance(v, float) and "test" in k},
@@ -72,6 +73,11 @@ def execute_run(raw: dict[str, Any]) -> dict[str, Any]:
         "n_params": result.n_params,
         "grad_trace": [{k: row[k] for k in keep if k in row} for row in result.grad_history],
     }
+    from trainwell.study.seed_ensembles import run_predictions
+
+    # test-split predictions for ensembles of seeds (base64 float32 probabilities)
+    payload["predictions"] = run_predictions(config, model)
+    return payload
 
 
 def _worker_init() -> None:
@@ -139,6 +145,7 @@ def run_study(
         require_ray()  # before anything is planned
     resources = read_resources(raw.get("ablation"))
     planned = check_study(raw, seeds)
+    n_min, n_max = seed_bounds(raw, seeds)
     spec = {"ablation": raw.get("ablation", {}), "seeds": seeds, "runs": len(planned)}
     study_id = store.study(name, spec)
     by_id: dict[int, PlannedRun] = {}
@@ -156,17 +163,66 @@ def run_study(
     lease = _Lease(store, owner, lease_s)
     claims = _Claims(store, study_id, by_id, owner, lease, tracker, lease_s, retry_before)
     local_jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+
+    def execute() -> None:
+        if executor == "ray":
+            run_on_ray(claims, _safe_run, jobs=jobs, resources=resources, address=address)
+        elif local_jobs == 1:
+            _run_here(claims)
+        else:
+            _run_in_pool(claims, local_jobs)
+
     try:
         with tracker, lease:
-            if executor == "ray":
-                run_on_ray(claims, _safe_run, jobs=jobs, resources=resources, address=address)
-            elif local_jobs == 1:
-                _run_here(claims)
-            else:
-                _run_in_pool(claims, local_jobs)
+            execute()
+            if n_max > n_min:
+                _add_seeds(raw, store, study_id, claims, execute, n_min, n_max)
     finally:
         release_owner(owner)
     return study_id
+
+
+def _add_seeds(
+    raw: dict[str, Any],
+    store: Store,
+    study_id: int,
+    claims: _Claims,
+    execute: Any,
+    n_min: int,
+    n_max: int,
+) -> None:
+    """Seeds where they matter (``seeds = {min, max}``; :mod:`trainwell.study.sequential`).
+
+    Each round: run what the store still holds pending (a round a kill cut off), else
+    decide every comparison from the stored runs, plan the next seed of each undecided
+    one below ``n_max`` and of the base of its data size, and run them with the same
+    executor; stop when no comparison wants another seed. Decisions are recomputed
+    from the store each round, so a study run again continues where it stopped.
+    """
+    full = plan_study(raw, all_seeds=True)
+    where = {(r.data, r.variant, r.seed): (i, r) for i, r in enumerate(full)}
+    first = min(r.seed for r in full)  # seeds are first, first + 1, ...
+    section = raw.get("ablation", {})
+    metric, correction = section.get("metric"), section.get("correction", "holm")
+    while True:
+        runs = store.runs(study_id)
+        known = {r["id"]: where.get((r["data"], r["variant"], r["seed"])) for r in runs}
+        batch = {i: known[i][1] for i in store.pending(study_id) if known.get(i) is not None}
+        if not batch:
+            found = decide(comparisons(runs, metric), n_min, n_max, correction)
+            for data, variant, index in next_seeds(found, n_max):
+                position, run = where[(data, variant, first + index)]
+                config_text = json.dumps(run.raw, default=str)
+                run_id = store.plan(
+                    study_id, variant, data, run.seed, position, run.overrides, config_text
+                )
+                if store.status(run_id) == "pending":
+                    batch[run_id] = run
+        if not batch:
+            return
+        claims.by_id = batch
+        claims.tracker.total += len(batch)
+        execute()
 
 
 class _Claims:

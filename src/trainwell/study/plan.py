@@ -4,7 +4,7 @@ The ``[ablation]`` section of a run config describes the study::
 
     [ablation]
     mode = "one-at-a-time"          # or "grid": every combination of the grid keys
-    seeds = 3
+    seeds = 3                       # or {min = 3, max = 10}: more seeds where undecided
     metric = "val_nll"              # chosen on (validation), compared by its test twin
     correction = "holm"             # or "bh" (Benjamini-Hochberg) or "none"
     [ablation.grid]                 # strength grids, one variant per value
@@ -235,7 +235,17 @@ def _read_spec(spec: Any, seeds: int | None) -> tuple[dict[str, Any], list[str]]
         )
     problems += resource_problems(spec.get("resources"))
     n_seeds = seeds if seeds is not None else spec.get("seeds", 3)
-    if not _is_int(n_seeds) or n_seeds < 1:
+    max_seeds = n_seeds
+    if isinstance(n_seeds, dict) and seeds is None:
+        extra = set(n_seeds) - {"min", "max"}
+        n_seeds, max_seeds = n_seeds.get("min"), n_seeds.get("max")
+        if extra or not (_is_int(n_seeds) and _is_int(max_seeds) and 2 <= n_seeds <= max_seeds):
+            problems.append(
+                "ablation.seeds: {min = ..., max = ...} needs integers with 2 <= min <= max, "
+                f"got {_shown(spec['seeds'])}"
+            )
+            n_seeds = max_seeds = 1
+    elif not _is_int(n_seeds) or n_seeds < 1:
         where = "seeds" if seeds is not None else "ablation.seeds"
         problems.append(f"{where}: seeds must be a positive integer, got {_shown(n_seeds)}")
     tables: dict[str, dict[str, Any]] = {}
@@ -244,7 +254,8 @@ def _read_spec(spec: Any, seeds: int | None) -> tuple[dict[str, Any], list[str]]
         if not isinstance(tables[key], dict):
             problems.append(f"ablation.{key} must be a table, got {_shown(tables[key])}")
             tables[key] = {}
-    parts: dict[str, Any] = {"mode": mode, "seeds": n_seeds, "grid": {}, "variants": {}}
+    parts: dict[str, Any] = {"mode": mode, "seeds": n_seeds, "max_seeds": max_seeds,
+                             "grid": {}, "variants": {}}  # fmt: skip
     written, found = _keys_problems("ablation.grid", tables["grid"])
     problems += found
     flat = _flatten(tables["grid"])
@@ -273,11 +284,30 @@ def _read_spec(spec: Any, seeds: int | None) -> tuple[dict[str, Any], list[str]]
     return parts, problems
 
 
-def plan_study(raw: dict[str, Any], seeds: int | None = None) -> list[PlannedRun]:
+def seed_bounds(raw: dict[str, Any], seeds: int | None = None) -> tuple[int, int]:
+    """``(min, max)`` seeds per run: ``seeds = 3`` (or ``seeds=3``) is ``(3, 3)``, fixed;
+    ``seeds = {min = 3, max = 10}`` adds seeds to undecided comparisons
+    (:mod:`trainwell.study.sequential`).
+
+    Example:
+        >>> seed_bounds({"ablation": {"seeds": {"min": 3, "max": 10}}}), seed_bounds({})
+        ((3, 10), (3, 3))
+    """
+    spec, problems = _read_spec(raw.get("ablation", {}), seeds)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return spec["seeds"], spec["max_seeds"]
+
+
+def plan_study(
+    raw: dict[str, Any], seeds: int | None = None, *, all_seeds: bool = False
+) -> list[PlannedRun]:
     """Every run of the study the ``[ablation]`` section of ``raw`` describes.
 
     Variants whose config equals the base config (e.g. ``l2 = 0`` when the base has
-    no L2) are dropped: they are the base run. Seeds are ``seed, seed+1, ...``. A
+    no L2) are dropped: they are the base run. Seeds are ``seed, seed+1, ...``; with
+    ``seeds = {min, max}`` the ``min`` first ones, or all ``max`` with ``all_seeds``
+    (seed-major, so the first runs are the same either way). A
     malformed section raises :class:`~trainwell.app.config.ConfigError`, one line per
     problem (it is a ``ValueError``); the run configs themselves are checked by
     :func:`trainwell.study.checks.check_study`.
@@ -334,7 +364,7 @@ def plan_study(raw: dict[str, Any], seeds: int | None = None) -> list[PlannedRun
         for label in dict.fromkeys(data_labels)
         if data_labels.count(label) > 1
     ]
-    for seed_index in range(spec["seeds"]):
+    for seed_index in range(spec["max_seeds"] if all_seeds else spec["seeds"]):
         for data in datas or [{}]:
             data_label = _label(data) or "all data"
             data_origin = {k: origin(k, v) for k, v in data.items()}

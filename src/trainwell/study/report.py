@@ -23,6 +23,7 @@ from sqlalchemy import select
 from trainwell.app.tasks import METRIC_NAMES
 from trainwell.study.comparisons import CORRECTIONS
 from trainwell.study.recommend import metric_words, p_text, recommendation, strength_sentences
+from trainwell.study.seed_ensembles import SOUP_NOTE, beats_every_single, seed_ensembles
 from trainwell.study.statistics import summarize
 from trainwell.study.store import Store, study_table
 
@@ -34,11 +35,32 @@ REFERENCES = {
 
 
 def study_settings(store: Store, study_id: int) -> dict[str, Any]:
-    """``{"metric", "correction"}`` from the study's ``[ablation]`` section in the store."""
+    """``{"metric", "correction", "looks"}`` from the study's ``[ablation]`` section."""
     with store.engine.connect() as conn:
         spec = conn.execute(select(study_table.c.spec).where(study_table.c.id == study_id)).scalar()
     section = json.loads(spec or "{}").get("ablation") or {}
-    return {"metric": section.get("metric"), "correction": section.get("correction", "holm")}
+    seeds = section.get("seeds")
+    looks = (int(seeds["min"]), int(seeds["max"])) if isinstance(seeds, dict) else None
+    return {"metric": section.get("metric"), "correction": section.get("correction", "holm"),
+            "looks": looks}  # fmt: skip
+
+
+def undecided_lines(store: Store, study_id: int, runs: list[dict[str, Any]]) -> list[str]:
+    """With ``seeds = {min, max}``: one sentence per comparison still undecided, saying the
+    smallest effect the study could have detected and about how many seeds would settle it
+    (:func:`trainwell.study.sequential.undecided_sentences`); ``[]`` for fixed seeds."""
+    from trainwell.study.sequential import comparisons, decide, undecided_sentences
+
+    with store.engine.connect() as conn:
+        spec = conn.execute(select(study_table.c.spec).where(study_table.c.id == study_id)).scalar()
+    section = json.loads(spec or "{}").get("ablation") or {}
+    seeds = section.get("seeds")
+    if not isinstance(seeds, dict) or not runs:
+        return []
+    n_min, n_max = int(seeds["min"]), int(seeds["max"])
+    found = comparisons(runs, section.get("metric"))
+    decide(found, n_min, n_max, section.get("correction", "holm"))
+    return undecided_sentences(found, n_min, n_max)
 
 
 def study_rows(store: Store, study: str | None = None) -> list[dict[str, Any]]:
@@ -251,13 +273,53 @@ def _table_html(rows: list[dict[str, Any]]) -> list[str]:
     return body
 
 
-def _recommendation_html(rows: list[dict[str, Any]]) -> list[str]:
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in recommendation(rows))
+def _recommendation_html(rows: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> list[str]:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in [*recommendation(rows), *extra])
     strengths = "".join(f"<li>{html.escape(s)}</li>" for s in strength_sentences(rows))
     out = ["<h2>Recommendation</h2>", f"<div class='verdict' id='recommendation'><ul>{items}</ul>"]
     if strengths:
         out.append(f"<p><b>Strength by data size</b></p><ul id='strengths'>{strengths}</ul>")
     out.append(f"<p class='sub'>{html.escape(rule(rows))}</p></div>")
+    return out
+
+
+def _ensembles_html(ensembles: list[dict[str, Any]]) -> list[str]:
+    """The ensembles of seeds: the mean single member beside the ensemble, per variant."""
+    if not ensembles:
+        return []
+    out = [
+        "<h2>Ensembles of seeds</h2>",
+        "<p>Each variant's seed runs are independently trained members; the ensemble "
+        "averages their test probabilities (regression: their outputs) and costs "
+        "<i>members</i> times one run's inference. Each seed draws its own data split, so "
+        "members and ensemble are scored on the test items common to every run of the "
+        f"data size (<i>items</i>); set <code>data.split_seed</code> for every seed to share "
+        f"one test split. {html.escape(SOUP_NOTE.capitalize())}.</p>",
+        "<table id='ensembles'><thead><tr>",
+    ]
+    head = ["data", "variant", "members", "items", "members' mean", "ensemble", "inference cost"]
+    out += [f"<th>{h}</th>" for h in head] + ["</tr></thead><tbody>"]
+    for row in ensembles:
+        if "ensemble" not in row:
+            cells = [row["data"], row["variant"], str(row["members"]), "0", row["note"], "–", "–"]
+        else:
+            shown = [
+                k for k in ("test_nll", "test_ece", "test_acc", "test_mse") if k in row["ensemble"]
+            ]
+
+            def text(scores: dict[str, float], keys: list[str] = shown) -> str:
+                return ", ".join(
+                    f"{k.removeprefix('test_')} {scores[k] * _scale(k):.4g}"
+                    + ("%" if k.endswith("_acc") else "")
+                    for k in keys
+                )
+
+            cells = [
+                row["data"], row["variant"], str(row["members"]), str(row["items"]),
+                text(row["member_mean"]), text(row["ensemble"]), f"{row['members']}x",
+            ]  # fmt: skip
+        out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
     return out
 
 
@@ -275,6 +337,7 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
     study_id = store.study_id(study)
     runs = store.runs(study_id)
     rows = summarize(runs, **study_settings(store, study_id))
+    ensembles = seed_ensembles(runs, store.predictions(study_id))
     drawn = figures.draw_all(runs, rows, out_dir)
     n_done = sum(r["status"] == "done" for r in runs)
     n_failed = sum(r["status"] == "failed" for r in runs)
@@ -284,7 +347,7 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
         "<h1>trainwell ablation report</h1>",
         f"<p class='sub'>{len(runs)} runs ({n_done} done, {n_failed} failed) · "
         f"{len({r['variant'] for r in runs})} variants · store: {html.escape(store.url)}</p>",
-        *_recommendation_html(rows),
+        *_recommendation_html(rows, tuple(beats_every_single(ensembles))),
         "<h2>Results</h2>",
         f"<p>Mean ± 95% confidence interval over seeds. Δ is the paired difference from the "
         f"base run with the same data size and seed; {_p_header(rows)} is its paired t-test "
@@ -294,7 +357,13 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
         "base. Rows marked [EMA weights] / [SWA weights] score the averaged model of the same "
         "runs.</p>",
         *_table_html(rows),
+        *_ensembles_html(ensembles),
         f"<h2>Every comparison</h2><p class='verdict'>{html.escape(verdict(rows))}</p>",
+        *(
+            f"<p class='sub' id='undecided'>{html.escape(' '.join(lines))}</p>"
+            for lines in [undecided_lines(store, study_id, runs)]
+            if lines
+        ),
         *(f"<h2>{html.escape(title)}</h2>{_img(path, title)}" for title, path in drawn),
         "</body></html>",
     ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,12 +211,33 @@ def _rows_of(run: dict[str, Any], metrics: tuple[str, ...], key: str) -> list[tu
     return rows
 
 
+def sequential_p(diffs: Sequence[float], n_min: int, n_max: int) -> float:
+    """The sequential p-value of paired differences in seed order, valid however the seeds
+    were added (:mod:`trainwell.study.sequential` gives the procedure and its proof).
+
+    ``min(1, K * min_n p_n)`` over the looks ``n = max(2, n_min) ... min(len, n_max)``,
+    ``K = n_max - n_min + 1``; NaN before the first look.
+
+    Example:
+        >>> round(sequential_p([0.1, 0.2, 0.3], 3, 3), 4)  # one look: the t-test
+        0.0742
+        >>> round(sequential_p([0.1, 0.2, 0.3, 0.2], 3, 10), 4)  # 8 looks: 8 x min p
+        0.1302
+    """
+    vals = [float(d) for d in diffs if math.isfinite(d)]
+    k = n_max - n_min + 1
+    ps = [paired_p(vals[:n]) for n in range(max(2, n_min), min(len(vals), n_max) + 1)]
+    ps = [p for p in ps if math.isfinite(p)]
+    return min(1.0, k * min(ps)) if ps else float("nan")
+
+
 def summarize(
     runs: list[dict[str, Any]],
     metrics: tuple[str, ...] | None = None,
     *,
     metric: str | None = None,
     correction: str = "holm",
+    looks: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One summary row per (data size, variant) from the stored runs; see the module doc.
 
@@ -226,6 +248,8 @@ def summarize(
     metric ``m``, ``row[m]`` and ``row["d_" + m]`` as (mean, 95% half-width), plus
     ``val`` (the validation metric ``selection``), ``p``, ``p_adj``, ``effect``
     (helps / hurts / none), ``higher``, ``cost``, ``overrides`` and ``averaged``.
+    With ``looks = (min, max)`` (``seeds = {min, max}``: seeds added while undecided),
+    ``p`` is the :func:`sequential_p` of the paired differences, not the plain t-test.
     """
     base_run = next((r for r in runs if r["variant"] == "base"), runs[0] if runs else {})
     primary = primary_metric(_config(base_run), metric)
@@ -271,7 +295,7 @@ def summarize(
                 diffs = [cell["by_seed"][s][m] - base["by_seed"][s][m] for s in seeds]
                 row[f"d_{m}"] = mean_ci(diffs)
                 if m == metrics[0]:
-                    row["p"] = paired_p(diffs)
+                    row["p"] = paired_p(diffs) if looks is None else sequential_p(diffs, *looks)
         row["seconds"] = mean_ci(list(cell["seconds"].values()))[0]
         base_sec = mean_ci(list(base["seconds"].values()))[0] if base else float("nan")
         row["cost"] = row["seconds"] / base_sec if base_sec and base_sec > 0 else float("nan")

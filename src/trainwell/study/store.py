@@ -1,8 +1,9 @@
 """The results store of an ablation study: SQLAlchemy tables, SQLite by default.
 
-Four tables: ``study`` (one row per study), ``run`` (one per variant x data size x
+Five tables: ``study`` (one row per study), ``run`` (one per variant x data size x
 seed, with its config, status, error, wall time and peak memory), ``epoch_metric``
-(one row per run, epoch and metric) and ``final_metric`` (one per run and metric).
+(one row per run, epoch and metric), ``final_metric`` (one per run and metric) and
+``predictions`` (one per done run that kept its test predictions, for ensembles of seeds).
 Any SQLAlchemy URL works (``sqlite:///DIR/results.sqlite`` is the default;
 ``postgresql://...`` lets several processes or machines share one study and needs the
 driver: ``pip install 'trainwell[postgres]'``); :mod:`trainwell.study.database` opens it
@@ -119,6 +120,16 @@ final_table = Table(
     Column("name", String(60), nullable=False),
     Column("value", Float),
     UniqueConstraint("run_id", "name"),
+)
+# a done run's test-split predictions (JSON of trainwell.study.seed_ensembles'
+# encode_predictions: base64 float32 probabilities, targets, test indices); stores made
+# before it get the table on opening
+predictions_table = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("run.id"), nullable=False, unique=True),
+    Column("data", Text, nullable=False),
 )
 
 FINISHED = ("done", "failed")
@@ -415,6 +426,7 @@ class Store:
                 return None
             conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
             conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
+            conn.execute(delete(predictions_table).where(predictions_table.c.run_id == run_id))
             conn.execute(
                 update(run_table)
                 .where(c.id == run_id)
@@ -461,6 +473,7 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
             conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
+            conn.execute(delete(predictions_table).where(predictions_table.c.run_id == run_id))
             conn.execute(
                 update(run_table)
                 .where(run_table.c.id == run_id)
@@ -496,7 +509,7 @@ class Store:
             return result.rowcount == 1
 
     def finish(self, run_id: int, payload: dict[str, Any], owner: str | None = None) -> bool:
-        """Store a finished run: its summary, per-epoch metrics and final metrics at once.
+        """Store a finished run: its summary, per-epoch and final metrics, predictions at once.
 
         With ``owner`` it writes only while that owner still holds the run's claim and
         returns False otherwise (the lease ran out and another process took the run):
@@ -533,11 +546,26 @@ class Store:
                 return False
             conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
             conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
+            conn.execute(delete(predictions_table).where(predictions_table.c.run_id == run_id))
             if epochs:
                 conn.execute(insert(epoch_table), epochs)
             if final_rows:
                 conn.execute(insert(final_table), final_rows)
+            if payload.get("predictions"):
+                stored = {"run_id": run_id, "data": json.dumps(payload["predictions"])}
+                conn.execute(insert(predictions_table), [stored])
             return True
+
+    def predictions(self, study_id: int) -> dict[int, dict[str, Any]]:
+        """The kept test predictions of a study's runs, by run id (see ``finish``)."""
+        p = predictions_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(p.run_id, p.data)
+                .join(run_table, run_table.c.id == p.run_id)
+                .where(run_table.c.study_id == study_id)
+            )
+            return {int(run_id): json.loads(data) for run_id, data in rows}
 
     def runs(self, study_id: int) -> list[dict[str, Any]]:
         """Every run of a study as a dict, with ``final`` and ``history`` filled in."""
