@@ -262,3 +262,19 @@ def test_sigkill_during_saves_leaves_a_complete_checkpoint(tmp_path: Path) -> No
 def test_public_names() -> None:
     assert trainwell.save is save and trainwell.load is load
     assert trainwell.CheckpointManager is CheckpointManager
+
+
+def test_atomic_write_never_replaces_a_device_or_fifo(tmp_path):
+    """os.replace over /dev/null (e.g. `trainwell soup --out /dev/null` as root) would
+    delete the device and leave a regular file: refused, and the FIFO is still there."""
+    import os
+    import stat
+
+    from trainwell.checkpoints.format import atomic_write
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        atomic_write(fifo, lambda f: f.write(b"x"))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -257,8 +257,16 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then atomically publish it.
 
     temp file in the same directory -> flush + fsync -> ``os.replace`` -> fsync(directory).
+    Only a regular file (or nothing) is ever replaced: a device such as ``/dev/null``, a
+    FIFO or a socket at ``path`` is refused with a ``ValueError`` (``os.replace`` would
+    delete it and leave a regular file in its place).
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ValueError(
+            f"{path} is not a regular file (a device, FIFO or socket); trainwell only replaces "
+            "regular files: choose another path"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
