@@ -130,8 +130,15 @@ def test_ensemble_of_user_models(tmp_path):
 
 def test_nproc_two_with_a_user_model(tmp_path):
     config = write_config(tmp_path, epochs=2, n=480)
-    finish(trainwell_cli("run", str(config), "--nproc", "2", "--out", str(tmp_path / "d"), "-q",
-                         cwd=tmp_path), timeout=180)  # fmt: skip
+    args = ["run", str(config), "--nproc", "2", "--out", str(tmp_path / "d"), "-q"]
+    proc = trainwell_cli(*args, cwd=tmp_path)
+    out, err = proc.communicate(timeout=180)
+    if proc.returncode != 0 and "terminate called without an active exception" in err:
+        # a rank aborted in C++ teardown at exit (seen intermittently under a full suite
+        # with torch 2.13's gloo; see tests/test_distributed.py): run it once more
+        finish(trainwell_cli(*args, "--overwrite", cwd=tmp_path), timeout=180)
+    else:
+        assert proc.returncode == 0, out + err
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["extra"]["processes"] == 2 and "test_acc" in summary["test"]
 
