@@ -114,10 +114,23 @@ def violations(root: Path) -> list[str]:
                     problems.append(f"technique module {module} imports {target}")
             elif here in TECHNIQUES and top not in stdlib | TECHNIQUE_THIRD_PARTY:
                 problems.append(f"technique module {module} imports third-party {target}")
-            elif top in OPTIONAL and (at_top or LAYER.get(here, 99) < LAYER["integrations"]):
+            elif top in OPTIONAL and LAYER.get(here, 99) < LAYER["integrations"]:
+                problems.append(f"{module} imports optional {target} below the integrations")
+            elif top in OPTIONAL and at_top and not _subclasses_third_party(module):
                 problems.append(f"{module} imports optional {target} outside a function")
     problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return problems
+
+
+#: modules whose classes subclass a third-party base (a Lightning ``Callback``, a
+#: ``transformers.TrainerCallback``): they import it at module level, and nothing in trainwell
+#: imports them (test_commands_and_integrations_package_import_no_extra).
+SUBCLASSING = {"lightning", "hf"}
+
+
+def _subclasses_third_party(module: str) -> bool:
+    parts = module.split(".")
+    return len(parts) == 3 and parts[1] == "integrations" and parts[2] in SUBCLASSING
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -257,3 +270,19 @@ def test_import_trainwell_stays_light() -> None:
     heavy = {"trainwell.app", "trainwell.study", "matplotlib", "sqlalchemy", "typer", "rich",
              "pydantic", "scipy", "sklearn", *OPTIONAL}  # fmt: skip
     assert loaded & heavy == set()
+
+
+def test_commands_and_integrations_package_import_no_extra() -> None:
+    """The CLI, one run, a study and ``trainwell.integrations`` itself load no optional
+    library, and no trainwell module imports the subclassing integrations at all."""
+    code = (
+        "import sys, trainwell.cli, trainwell.app.runner, trainwell.study.execute, "
+        "trainwell.integrations; print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split())  # fmt: skip
+    assert {m for m in loaded if m.split(".")[0] in OPTIONAL} == set()
+    modules = module_files(SRC)
+    for module, path in modules.items():
+        for target, _ in imports_of(module, path, modules):
+            assert not _subclasses_third_party(target), f"{module} imports {target}"

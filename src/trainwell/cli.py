@@ -65,7 +65,10 @@ def fail(message: str, code: int = 2) -> None:
 def describe(err: Exception) -> str:
     """The line(s) a user reads for ``err``: what failed and what to do; never a traceback."""
     from trainwell.checkpoints import CheckpointError
+    from trainwell.integrations import MissingExtra
 
+    if isinstance(err, MissingExtra):
+        return str(err)
     if isinstance(err, OSError):
         where = err.filename or "a file"
         if err.errno == errno.ENOSPC:
@@ -87,8 +90,10 @@ def exit_status(err: Exception) -> int:
     """2: the input is refused -- a bad config, data, argument or user-code contract
     (``ValueError`` / ``TypeError``, even when found at the first batch), or anything
     before training started; 1: a run that failed while training (a full disk, a crash
-    in the model)."""
-    refused = isinstance(err, (ValueError, TypeError))
+    in the model). A missing optional extra is refused input too."""
+    from trainwell.integrations import MissingExtra
+
+    refused = isinstance(err, (ValueError, TypeError, MissingExtra))
     return 1 if _state["training"] and not refused else 2
 
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +248,35 @@ def test_monitor_history_survives_a_resume(splits, tmp_path):
     resumed = run(4, tmp_path / "b", resume=True)
     assert len(straight.grad_history) > 10
     assert resumed.grad_history == straight.grad_history
+
+
+def test_on_step_end_sees_every_optimizer_step_with_its_loss_and_skip(splits):
+    """The per-step hook: one call per optimizer step (skipped ones too), counted from 1,
+    with the loss that step's window ended on and the transforms' ``skip``."""
+    model, opt = make()
+    calls = []
+
+    class Steps:
+        def on_step_end(self, step, info):
+            calls.append((step, bool(info["skip"]), float(info["loss"]), info["lr"]))
+
+    def poisoned(out, y):
+        loss = F.cross_entropy(out, y)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    result = fit(
+        model,
+        splits.loader("train", 16),
+        None,
+        opt,
+        poisoned,
+        epochs=2,
+        accumulator=Accumulator(model, 3),
+        transforms=chain(skip_nonfinite()),
+        callbacks=[Steps()],
+    )
+    assert [c[0] for c in calls] == list(range(1, result.steps + 1))
+    assert [c[1] for c in calls].count(True) == result.skipped_steps >= 1
+    assert calls[2][1] and not any(skip for _, skip, _, _ in calls[:2])
+    assert all(c[3] == opt.param_groups[0]["lr"] for c in calls)
+    assert all(math.isfinite(c[2]) for i, c in enumerate(calls) if not c[1])

@@ -106,6 +106,9 @@ def fit(
         ema: an ``EMA`` updated after every optimizer step and validated each epoch.
         swa: an ``SWA`` updated at the end of each epoch and recalibrated at the end.
         callbacks: objects with optional ``on_fit_start()`` (before the first batch),
+            ``on_step_end(step, info)`` (after every optimizer step, skipped ones included:
+            ``step`` counts them from 1; ``info`` holds the transforms' stats, ``"skip"``,
+            ``"loss"`` -- the last micro-batch's loss, a tensor on the device -- and ``"lr"``),
             ``on_epoch_end(row)`` and ``on_fit_end(result)``.
         progress: show a rich progress bar (only on a terminal, rank 0).
         step: ``step(model, batch, loss_fn) -> StepOutput(loss, outputs, targets, n_items)``
@@ -191,7 +194,7 @@ def fit(
     )
     bar = Progress(enabled=progress and dist_utils.is_main_process(), epochs=epochs)
 
-    def optimizer_step() -> None:
+    def optimizer_step(loss: torch.Tensor) -> None:
         """Steps 2-4 of the docstring, once the (accumulated) gradient is complete."""
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -222,6 +225,14 @@ def fit(
         if per_step_scheduler and not getattr(swa, "n_averaged", 0):
             scheduler.step()  # SWA's own schedule takes over once it averages
         result.steps += 1
+        if callbacks:  # tensors stay on the device: a logger that reads them pays the sync
+            info = {
+                **stats,
+                "skip": skip,
+                "loss": loss.detach(),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            _call(callbacks, "on_step_end", result.steps, info)
 
     epoch_scheduler = scheduler is not None and scheduler_interval == "epoch"
 
@@ -264,12 +275,12 @@ def fit(
                     # 1. backward; an accumulated window is the exact weighted mean of its items
                     if accumulator is None:
                         (scaler.scale(loss) if scaler is not None else loss).backward()
-                        optimizer_step()
+                        optimizer_step(loss)
                     elif accumulator.backward(loss, weight=n_items, last=i + 1 == batches):
-                        optimizer_step()
+                        optimizer_step(loss)
                     bar.advance(loss_sum, items)
                 if accumulator is not None and accumulator.flush():
-                    optimizer_step()  # a loader without len(): the last window ends here
+                    optimizer_step(loss)  # a loader without len(): the last window ends here
                 # per epoch: schedules, SWA, validation, early stopping, checkpoint
                 swa_took_over = swa is not None and swa.update(model, epoch)
                 if epoch_scheduler and not plateau and not swa_took_over:
