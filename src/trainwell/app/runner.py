@@ -205,6 +205,20 @@ def precision_args(config: RunConfig, device: str) -> dict[str, Any]:
     return {}
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """XXH3-64 (hex) of the model's state in key order, names, dtypes and shapes included:
+    equal for runs that start from the same weights (fine-tunes of one checkpoint), which
+    is what a weight soup needs."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def train(
     config: RunConfig,
     *,
@@ -238,6 +252,7 @@ def train(
     splits = splits or load_data(config)
     task, step = task_of(config), step_of(config)
     model = model_for(config, splits).to(config.device)
+    init_hash = weights_fingerprint(model)
     if nproc > 1:
         cuda = config.device.startswith("cuda")
         model = torch.nn.parallel.DistributedDataParallel(
@@ -299,6 +314,7 @@ def train(
         "global_batch_size": config.batch_size,
         "batch_size_per_process": config.batch_size // nproc,
         "lr": config.optimizer.lr,
+        "init_hash": init_hash,
     }
     for name in ("ema", "swa"):
         averaged = techniques.get(name)
