@@ -53,6 +53,8 @@ def module_files(root: Path) -> dict[str, Path]:
     """``{dotted module name: file}`` for every ``.py`` file of the package at ``root``."""
     out = {}
     for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).parts[0] == "examples":  # user code shipped as data (init)
+            continue
         parts = list(path.relative_to(root.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()

@@ -127,6 +127,8 @@ def results_table(title: str, rows: dict[str, float]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in rows.items():
+        if key.endswith("_hash"):  # a fingerprint for soups, not a result
+            continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     return table
 
@@ -453,6 +455,29 @@ def report(
     path = write_report(store, run_dir, study)
     print_table(study_rows(store, study), console)
     console.print(f"wrote {path}")
+
+
+@app.command()
+@one_line_errors
+def init(
+    name: Annotated[
+        str | None, typer.Argument(help="Example to write (default sequence_cnn; see --list).")
+    ] = None,
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write it.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Replace files that exist.")] = False,
+    list_all: Annotated[bool, typer.Option("--list", help="List the examples.")] = False,
+) -> None:
+    """Write an example config (and its model/data code) to start from."""
+    from trainwell.app.starters import DEFAULT, available, write_example
+
+    if list_all:
+        for example, about in available().items():
+            typer.echo(f"{example:20s} {about}")
+        return
+    written = write_example(name or DEFAULT, directory, force=force)
+    config = written[0]
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}")
+    typer.echo(f"next: trainwell run {config}   or   trainwell ablate {config}")
 
 
 @app.command()
