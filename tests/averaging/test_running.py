@@ -418,11 +418,27 @@ def test_swa_finalize_recalibrates_bn():
         ({"start": 0, "optimizer": "sgd", "swa_lr": 0.1}, TypeError, "torch.optim.Optimizer"),
         ({"start": 0, "anneal_strategy": "exp"}, ValueError, "'cos' or 'linear'"),
         ({"start": 0, "anneal_epochs": -2}, ValueError, "anneal_epochs must be an integer"),
+        ({"start": 0.5}, ValueError, "start=0.5 is a fraction of the epochs: give epochs"),
+        ({"start": 1.0, "epochs": 10}, ValueError, r"or a fraction of the epochs in \(0, 1\)"),
+        ({"start": 0.5, "epochs": 0}, ValueError, "give epochs"),
     ],
 )
 def test_swa_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         SWA(nn.Linear(1, 1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "epochs"), [(0.75, 20), (0.5, 7), (0.01, 20), (0.99, 4), (0.5, 1)]
+)
+def test_swa_start_fraction_averages_the_epochs_the_config_would(fraction, epochs):
+    """SWA(start=fraction, epochs=E) averages exactly the epochs from the config's rule
+    (one trained first, the last one always averaged) and nothing before them."""
+    expected = min(epochs - 1, max(1, round(fraction * epochs)))
+    net = nn.Linear(2, 1)
+    swa = SWA(net, start=fraction, epochs=epochs)
+    averaged = [e for e in range(epochs) if swa.update(net, e)]
+    assert averaged == list(range(expected, epochs)) and averaged[-1] == epochs - 1
 
 
 def test_swa_bad_swa_lr():

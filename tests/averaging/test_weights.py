@@ -246,6 +246,20 @@ def test_update_bn_matches_torch_and_restores_state():
     assert [m.training for m in net] == [False, True, False, False, False, False, False]
 
 
+def test_update_bn_accepts_torchs_loader_model_order():
+    """``update_bn(loader, model[, device])`` as torch spells it gives the same statistics."""
+    ours, theirs, ref = conv_bn_net(), conv_bn_net(), conv_bn_net()
+    theirs.load_state_dict(ours.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    torch_update_bn(image_batches(), ref)
+    assert update_bn(ours, image_batches()) == update_bn(image_batches(), theirs, "cpu") == 3
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        torch.testing.assert_close(theirs.state_dict()[name], ours.state_dict()[name])
+        torch.testing.assert_close(theirs.state_dict()[name], ref.state_dict()[name])
+    with pytest.raises(ValueError, match="the model is on cpu"):
+        update_bn(image_batches(), theirs, "meta")
+
+
 def test_update_bn_dict_batches_and_custom_forward():
     class DictNet(nn.Module):
         def __init__(self) -> None:

@@ -87,8 +87,9 @@ def _averaging(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optim
         )
     if config.swa.enabled:
         from trainwell.averaging import SWA
+        from trainwell.averaging.running import swa_start_epoch
 
-        start = min(config.epochs - 1, max(1, round(config.swa.start * config.epochs)))
+        start = swa_start_epoch(config.swa.start, config.epochs)
         swa_lr = config.swa.lr if config.swa.lr is not None else config.optimizer.lr
         out["swa"] = SWA(
             model,

@@ -266,6 +266,30 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     return value
 
 
+def swa_start_epoch(start: int | float, epochs: int | None = None) -> int:
+    """The first epoch SWA averages: an int is that epoch; a float in (0, 1) is a fraction
+    of ``epochs``, ``min(epochs - 1, max(1, round(start * epochs)))`` -- one epoch trained
+    before averaging and at least the last one averaged, as the config's ``swa.start`` means.
+
+    Example:
+        >>> swa_start_epoch(3), swa_start_epoch(0.75, epochs=20), swa_start_epoch(0.01, epochs=20)
+        (3, 15, 1)
+    """
+    if isinstance(start, float):
+        if not 0 < start < 1:
+            raise ValueError(
+                f"start must be an epoch (an int >= 0) or a fraction of the epochs in (0, 1), "
+                f"got {start!r}"
+            )
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(
+                f"start={start!r} is a fraction of the epochs: give epochs (an int >= 1), "
+                f"got epochs={epochs!r}"
+            )
+        return min(epochs - 1, max(1, round(start * epochs)))
+    return _check_int(start, "start", 0)
+
+
 class EMA(_Averager):
     """Exponential moving average of a model's weights (Polyak averaging with decay).
 
@@ -410,7 +434,8 @@ class SWA(_Averager):
 
     Args:
         model: the live model (a DDP or compiled wrapper is unwrapped).
-        start: the first epoch that is averaged (>= 0).
+        start: the first epoch that is averaged (an int >= 0), or a fraction of ``epochs``
+            in (0, 1) as in the config (see :func:`swa_start_epoch`).
         optimizer: the optimizer whose learning rate SWALR anneals (needs ``swa_lr``).
         swa_lr: the constant SWA learning rate (> 0).
         anneal_epochs: epochs of the annealing to ``swa_lr`` (>= 0).
@@ -418,9 +443,12 @@ class SWA(_Averager):
         buffers: ``"copy"`` float buffers from the live model, or ``"average"`` them.
         device: keep the average on this device.
         dtype: keep floating tensors of the average in this dtype.
+        epochs: the run's epochs; needed only when ``start`` is a fraction.
 
     Example:
         >>> net = nn.Linear(2, 1)
+        >>> SWA(net, start=0.75, epochs=20).start
+        15
         >>> swa = SWA(net, start=1)
         >>> w0 = net.weight.detach().clone()
         >>> swa.update(net, epoch=0)  # before start: not averaged
@@ -436,7 +464,7 @@ class SWA(_Averager):
     def __init__(
         self,
         model: nn.Module,
-        start: int,
+        start: int | float,
         optimizer: torch.optim.Optimizer | None = None,
         swa_lr: float | Sequence[float] | None = None,
         anneal_epochs: int = 10,
@@ -445,8 +473,9 @@ class SWA(_Averager):
         buffers: str = "copy",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        epochs: int | None = None,
     ) -> None:
-        self.start = _check_int(start, "start", 0)
+        self.start = swa_start_epoch(start, epochs)
         if (optimizer is None) != (swa_lr is None):
             raise ValueError(
                 "optimizer and swa_lr go together: give both for the SWALR schedule or neither"

@@ -333,6 +333,25 @@ def _all_reduce_stats(norms: list[nn.modules.batchnorm._NormBase], batches: int)
 
 
 @torch.no_grad()
+def _torch_order_device(model: nn.Module, third: Any) -> Any:
+    """In torch's ``update_bn(loader, model, device)`` order the third argument is a device:
+    accepted (and dropped) when it is where the model is; anything else stays ``forward``."""
+    if third is None or callable(third):
+        return third
+    if isinstance(third, (str, torch.device)):
+        where = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+        if torch.device(third).type == where.type and torch.device(third).index in (
+            None,
+            where.index,
+        ):
+            return None
+        raise ValueError(
+            f"update_bn(loader, model, device={third!r}): the model is on {where}; move the "
+            "model there first (batches go to the model's device)"
+        )
+    return third
+
+
 def update_bn(
     model: nn.Module,
     loader: Any,
@@ -350,6 +369,10 @@ def update_bn(
     train/eval flag are restored. Under ``torch.distributed`` the statistics are averaged
     over ranks, weighted by each rank's batch count: the same result as one process
     seeing every rank's batches.
+
+    torch's order, ``update_bn(loader, model)`` (``torch.optim.swa_utils.update_bn``), is
+    accepted too: the two are told apart by which one is an ``nn.Module``, and a device
+    given third in that order must be the model's own (batches go to the model's device).
 
     Args:
         model: the model (a DDP wrapper is unwrapped: its forward would broadcast buffers).
@@ -374,6 +397,8 @@ def update_bn(
         >>> net.training, net[1].momentum
         (True, 0.1)
     """
+    if isinstance(loader, nn.Module) and not isinstance(model, nn.Module):
+        model, loader, forward = loader, model, _torch_order_device(loader, forward)
     net = unwrap(model)
     norms = _tracked_norms(net)
     if not norms:
