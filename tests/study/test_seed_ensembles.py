@@ -82,6 +82,20 @@ def test_predictions_round_trip():
     assert targets.tolist() == [0, 1, 2, 3, 0] and index.tolist() == list(range(5))
 
 
+@pytest.mark.parametrize("shape", [(6,), (6, 1)])
+def test_one_logit_per_item_is_stored_as_sigmoid_probabilities(shape):
+    """A bce_with_logits model's single logit z is P(1) = sigmoid(z), not a softmax over
+    one column (which is 1 for every item and makes every ensemble NLL 0 or inf)."""
+    z = torch.randn(shape)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    values, _, _ = decode_predictions(encode_predictions(z, y.float(), "classification", None))
+    p1 = torch.sigmoid(z.reshape(-1))
+    assert np.allclose(values, torch.stack([1 - p1, p1], 1).numpy(), atol=1e-6)
+    nll = -np.log(values[np.arange(6), y.numpy()]).mean()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z.reshape(-1), y.float())
+    assert math.isclose(nll, float(bce), rel_tol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("ens")

@@ -75,3 +75,29 @@ def test_study_lookup_and_bad_url():
         store.study_id("three")
     with pytest.raises(ValueError, match="SQLAlchemy URL"):
         Store("results.sqlite")
+
+
+def test_weights_round_trip_and_a_new_claim_drops_them():
+    import base64
+
+    from torch import nn
+
+    from trainwell.study.owners import new_owner
+    from trainwell.study.seed_soups import decode_weights, encode_weights
+
+    store = Store("sqlite://")
+    sid = store.study("s", {"seeds": 2})
+    a = store.plan(sid, "base", "all data", 0, 0, {}, "{}")
+    b = store.plan(sid, "base", "all data", 1, 1, {}, "{}")
+    net = nn.Linear(3, 2)
+    weights = encode_weights(net)
+    assert store.finish(a, {**_payload(0.9), "init_hash": "ab12", "weights": weights})
+    assert store.finish(b, _payload(0.8))  # a payload from before soups: no row
+    assert store.fingerprints(sid) == {a: {"run_id": a, "init_hash": "ab12", "n_values": 8,
+                                           "kept": True}}  # fmt: skip
+    (blob,) = store.weights([a, b]).values()
+    assert blob == base64.b64decode(weights["data"])
+    assert decode_weights(blob)["weight"].equal(net.weight.detach())
+    store.fail(a, "killed")  # a retried run starts again without its old weights
+    assert store.claim(sid, new_owner(), retry_failed_before=store.now() + 1) == a
+    assert store.fingerprints(sid) == {} and store.weights([a]) == {}

@@ -74,9 +74,15 @@ def execute_run(raw: dict[str, Any]) -> dict[str, Any]:
         "grad_trace": [{k: row[k] for k in keep if k in row} for row in result.grad_history],
     }
     from trainwell.study.seed_ensembles import run_predictions
+    from trainwell.study.seed_soups import encode_weights
 
     # test-split predictions for ensembles of seeds (base64 float32 probabilities)
     payload["predictions"] = run_predictions(config, model)
+    # soups of seeds: the starting-weights fingerprint, and the final weights of models up
+    # to seed_soups.WEIGHTS_LIMIT values (base64 safetensors: JSON- and Ray-safe, no pickle)
+    payload["init_hash"] = result.extra.get("init_hash")
+    # a built-in model starts from the run's seed: its seeds never share a start
+    payload["weights"] = encode_weights(model, keep=config.model.target is not None)
     return payload
 
 

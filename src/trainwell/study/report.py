@@ -23,7 +23,8 @@ from sqlalchemy import select
 from trainwell.app.tasks import METRIC_NAMES
 from trainwell.study.comparisons import CORRECTIONS
 from trainwell.study.recommend import metric_words, p_text, recommendation, strength_sentences
-from trainwell.study.seed_ensembles import SOUP_NOTE, beats_every_single, seed_ensembles
+from trainwell.study.seed_ensembles import beats_every_single, seed_ensembles
+from trainwell.study.seed_soups import seed_soups, soups_beat_every_single
 from trainwell.study.statistics import summarize
 from trainwell.study.store import Store, study_table
 
@@ -283,6 +284,65 @@ def _recommendation_html(rows: list[dict[str, Any]], extra: tuple[str, ...] = ()
     return out
 
 
+def _scores_text(scores: dict[str, float]) -> str:
+    """``nll 0.3127, ece 0.04512, acc 91.2%`` (the ensembles' and soups' test metrics)."""
+    shown = [k for k in ("test_nll", "test_ece", "test_acc", "test_mse") if k in scores]
+    return ", ".join(
+        f"{k.removeprefix('test_')} {scores[k] * _scale(k):.4g}"
+        + ("%" if k.endswith("_acc") else "")
+        for k in shown
+    )
+
+
+def _chosen_text(chosen: list[int]) -> str:
+    """The greedy soup's seeds, in the order added; one seed is that run alone."""
+    if len(chosen) == 1:
+        return f"{chosen[0]} alone (adding any other seed made validation worse)"
+    return ", ".join(str(s) for s in chosen)
+
+
+def _soup_cells(row: dict[str, Any]) -> list[str]:
+    """One row of the soups table: scores, or the reason there is no soup."""
+    head = [row["data"], row["variant"], str(row["members"])]
+    if "note" in row:
+        return [*head, "–", row["note"], "–", "–", "–", "–"]
+    recal = row["recalibrated"]
+    marks = {w: " (BatchNorm recalibrated)" if recal[w] else "" for w in ("greedy", "uniform")}
+    return [
+        *head, str(row["items"]), _scores_text(row["member_mean"]),
+        _scores_text(row["greedy"]) + marks["greedy"], _chosen_text(row["chosen"]),
+        _scores_text(row["uniform"]) + marks["uniform"], "1x",
+    ]  # fmt: skip
+
+
+def _soups_html(soups: list[dict[str, Any]]) -> list[str]:
+    """The soups of seeds: the mean single member beside the greedy and uniform soups."""
+    if not soups:
+        return []
+    selection = next((r["selection"] for r in soups if "selection" in r), "val_nll")
+    out = [
+        "<h2>Soups of seeds</h2>",
+        "<p>Where a variant's seed runs share an initialization (one starting-weights "
+        "fingerprint, e.g. fine-tunes of one checkpoint) and one data split, their weights "
+        "are averaged into one model (Wortsman et al. 2022). The greedy soup adds seeds best "
+        f"first and keeps one only when {html.escape(metric_words(selection))} does not get "
+        "worse, chosen on the validation split, never on test; the uniform soup averages "
+        "every seed. Each soup counts as averaged or BatchNorm-recalibrated on the training "
+        "split, whichever is better on validation. A soup is one model: 1x the inference "
+        "cost. Members and soups are scored on the ensembles' test items where those are "
+        "known. Where no soup is made, the row says why.</p>",
+        "<table id='soups'><thead><tr>",
+    ]
+    head = ["data", "variant", "members", "items", "members' mean", "greedy soup",
+            "seeds in the greedy soup", "uniform soup", "inference cost"]  # fmt: skip
+    out += [f"<th>{h}</th>" for h in head] + ["</tr></thead><tbody>"]
+    for row in soups:
+        cells = _soup_cells(row)
+        out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return out
+
+
 def _ensembles_html(ensembles: list[dict[str, Any]]) -> list[str]:
     """The ensembles of seeds: the mean single member beside the ensemble, per variant."""
     if not ensembles:
@@ -293,8 +353,9 @@ def _ensembles_html(ensembles: list[dict[str, Any]]) -> list[str]:
         "averages their test probabilities (regression: their outputs) and costs "
         "<i>members</i> times one run's inference. Each seed draws its own data split, so "
         "members and ensemble are scored on the test items common to every run of the "
-        f"data size (<i>items</i>); set <code>data.split_seed</code> for every seed to share "
-        f"one test split. {html.escape(SOUP_NOTE.capitalize())}.</p>",
+        "data size (<i>items</i>); set <code>data.split_seed</code> for every seed to share "
+        "one test split. Whether the same seeds also make a weight soup is said per "
+        "variant under <i>Soups of seeds</i>.</p>",
         "<table id='ensembles'><thead><tr>",
     ]
     head = ["data", "variant", "members", "items", "members' mean", "ensemble", "inference cost"]
@@ -303,20 +364,10 @@ def _ensembles_html(ensembles: list[dict[str, Any]]) -> list[str]:
         if "ensemble" not in row:
             cells = [row["data"], row["variant"], str(row["members"]), "0", row["note"], "–", "–"]
         else:
-            shown = [
-                k for k in ("test_nll", "test_ece", "test_acc", "test_mse") if k in row["ensemble"]
-            ]
-
-            def text(scores: dict[str, float], keys: list[str] = shown) -> str:
-                return ", ".join(
-                    f"{k.removeprefix('test_')} {scores[k] * _scale(k):.4g}"
-                    + ("%" if k.endswith("_acc") else "")
-                    for k in keys
-                )
-
             cells = [
                 row["data"], row["variant"], str(row["members"]), str(row["items"]),
-                text(row["member_mean"]), text(row["ensemble"]), f"{row['members']}x",
+                _scores_text(row["member_mean"]), _scores_text(row["ensemble"]),
+                f"{row['members']}x",
             ]  # fmt: skip
         out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
@@ -336,8 +387,14 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     study_id = store.study_id(study)
     runs = store.runs(study_id)
-    rows = summarize(runs, **study_settings(store, study_id))
-    ensembles = seed_ensembles(runs, store.predictions(study_id))
+    settings = study_settings(store, study_id)
+    rows = summarize(runs, **settings)
+    predictions = store.predictions(study_id)
+    ensembles = seed_ensembles(runs, predictions)
+    soups = seed_soups(
+        runs, store.fingerprints(study_id), store.weights, predictions, settings["metric"]
+    )
+    beats = (*beats_every_single(ensembles), *soups_beat_every_single(soups, ensembles))
     drawn = figures.draw_all(runs, rows, out_dir)
     n_done = sum(r["status"] == "done" for r in runs)
     n_failed = sum(r["status"] == "failed" for r in runs)
@@ -347,7 +404,7 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
         "<h1>trainwell ablation report</h1>",
         f"<p class='sub'>{len(runs)} runs ({n_done} done, {n_failed} failed) · "
         f"{len({r['variant'] for r in runs})} variants · store: {html.escape(store.url)}</p>",
-        *_recommendation_html(rows, tuple(beats_every_single(ensembles))),
+        *_recommendation_html(rows, beats),
         "<h2>Results</h2>",
         f"<p>Mean ± 95% confidence interval over seeds. Δ is the paired difference from the "
         f"base run with the same data size and seed; {_p_header(rows)} is its paired t-test "
@@ -358,6 +415,7 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
         "runs.</p>",
         *_table_html(rows),
         *_ensembles_html(ensembles),
+        *_soups_html(soups),
         f"<h2>Every comparison</h2><p class='verdict'>{html.escape(verdict(rows))}</p>",
         *(
             f"<p class='sub' id='undecided'>{html.escape(' '.join(lines))}</p>"

@@ -11,8 +11,9 @@ For classification the ensemble averages probabilities and is scored on NLL, ECE
 accuracy beside the mean single member; for regression it averages the outputs and is
 scored on MSE. Its inference cost is the number of members.
 
-Weight soups are not made: each seed initializes its own model, and a soup needs runs
-that share an initialization.
+Weight soups of the same seeds, where they share an initialization, are
+:mod:`trainwell.study.seed_soups`'s; they are scored on the same common test items
+(:func:`common_items`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import numpy as np
 #: float16, and beyond that no predictions are kept (the payload and the store stay small)
 FLOAT32_LIMIT = 1_000_000
 FLOAT16_LIMIT = 8_000_000
-SOUP_NOTE = "soups need runs that share an initialization; these runs start from different seeds"
 
 
 def _b64(array: np.ndarray) -> str:
@@ -38,7 +38,7 @@ def _unb64(text: str, dtype: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype=dtype)
 
 
-def test_indices(config: Any) -> np.ndarray | None:
+def indices_of_test_split(config: Any) -> np.ndarray | None:
     """The dataset rows of a run's test split, in the order its test loader yields them.
 
     None for a ``data.target = "module:function"`` source, whose split trainwell does not
@@ -65,7 +65,8 @@ def encode_predictions(
 ) -> dict[str, Any] | None:
     """A run's test predictions for its payload: base64 arrays, compact and JSON-safe.
 
-    ``outputs`` are logits (classification: stored as softmax probabilities) or
+    ``outputs`` are logits (classification: stored as softmax probabilities; one logit per
+    item, as ``bce_with_logits`` trains, is the two-class ``[1 - sigmoid, sigmoid]``) or
     regression outputs. Stored as float32 up to ``FLOAT32_LIMIT`` values, float16 up to
     ``FLOAT16_LIMIT``; None (nothing kept) beyond, or for outputs that are not one row
     per test item.
@@ -81,6 +82,8 @@ def encode_predictions(
     if indices is not None and len(indices) != len(outputs):
         indices = None
     if kind == "classification":
+        if outputs.shape[1] == 1:  # one logit z per item (bce_with_logits): P(1) = sigmoid(z)
+            outputs = torch.cat([torch.zeros_like(outputs), outputs], dim=1)
         outputs = torch.softmax(outputs, dim=1)
     size = outputs.numel()
     if size > FLOAT16_LIMIT:
@@ -114,7 +117,8 @@ def decode_predictions(
     return values, targets, None if indices is None else _unb64(indices, "int64")
 
 
-def _scores(outputs: np.ndarray, targets: np.ndarray, kind: str) -> dict[str, float]:
+def score_outputs(outputs: np.ndarray, targets: np.ndarray, kind: str) -> dict[str, float]:
+    """Test NLL, ECE and accuracy of probabilities (classification), or MSE of outputs."""
     import torch
 
     from trainwell import metrics
@@ -133,7 +137,7 @@ def _scores(outputs: np.ndarray, targets: np.ndarray, kind: str) -> dict[str, fl
     return {"test_mse": metrics.mse(out.reshape(y.shape), y.double())}
 
 
-def _aligned(members: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], common: Any) -> Any:
+def aligned(members: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], common: Any) -> Any:
     """Each member's outputs and the targets on the common items, in one order."""
     if common is None:  # no indices: every member scored the same test set, row by row
         return [m[0] for m in members], members[0][1]
@@ -159,6 +163,27 @@ def _common(group: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> An
     return False
 
 
+def _sized_common(sized: list[dict[str, Any]], decoded: dict[int, Any], predictions: dict) -> Any:
+    """The common test items of one data size's runs (:func:`_common`), False when their
+    predictions are of different kinds or widths."""
+    kinds = {predictions[r["id"]]["kind"] for r in sized}
+    shapes = {decoded[r["id"]][0].shape[1] for r in sized}
+    return _common(list(decoded.values())) if len(kinds) == 1 and len(shapes) == 1 else False
+
+
+def common_items(runs: list[dict[str, Any]], predictions: dict[int, dict]) -> dict[str, Any]:
+    """Per data size, the dataset indices of the test items every done run with kept
+    predictions was tested on (sorted), None (no indices: align row by row) or False
+    (no common test set): the items :func:`seed_ensembles` scores on."""
+    done = [r for r in runs if r.get("status") == "done" and r["id"] in predictions]
+    out = {}
+    for data in dict.fromkeys(r["data"] for r in done):
+        sized = [r for r in done if r["data"] == data]
+        decoded = {r["id"]: decode_predictions(predictions[r["id"]]) for r in sized}
+        out[data] = _sized_common(sized, decoded, predictions)
+    return out
+
+
 def seed_ensembles(runs: list[dict[str, Any]], predictions: dict[int, dict]) -> list[dict]:
     """One row per data size and variant with >= 2 done seed runs that kept predictions.
 
@@ -174,8 +199,7 @@ def seed_ensembles(runs: list[dict[str, Any]], predictions: dict[int, dict]) -> 
         sized = [r for r in done if r["data"] == data]
         decoded = {r["id"]: decode_predictions(predictions[r["id"]]) for r in sized}
         kinds = {predictions[r["id"]]["kind"] for r in sized}
-        shapes = {decoded[r["id"]][0].shape[1] for r in sized}
-        common = _common(list(decoded.values())) if len(kinds) == 1 and len(shapes) == 1 else False
+        common = _sized_common(sized, decoded, predictions)
         for variant in dict.fromkeys(r["variant"] for r in sized):
             group = [r for r in sized if r["variant"] == variant]
             if len(group) < 2:
@@ -194,35 +218,47 @@ def seed_ensembles(runs: list[dict[str, Any]], predictions: dict[int, dict]) -> 
                 )
                 out.append(row)
                 continue
-            members, target = _aligned([decoded[r["id"]] for r in group], common)
-            singles = [_scores(m, target, row["kind"]) for m in members]
+            members, target = aligned([decoded[r["id"]] for r in group], common)
+            singles = [score_outputs(m, target, row["kind"]) for m in members]
             row["items"] = len(target)
             row["member_scores"] = singles
             row["member_mean"] = {k: float(np.mean([s[k] for s in singles])) for k in singles[0]}
-            row["ensemble"] = _scores(np.mean(np.stack(members), axis=0), target, row["kind"])
+            row["ensemble"] = score_outputs(np.mean(np.stack(members), axis=0), target, row["kind"])
             out.append(row)
     return out
 
 
-def beats_every_single(rows: list[dict[str, Any]], metric: str = "test_nll") -> list[str]:
+def headline(kind: str) -> str:
+    """The test metric a ``kind`` of study compares ensembles and soups on (lower is better).
+
+    Example:
+        >>> headline("classification"), headline("regression")
+        ('test_nll', 'test_mse')
+    """
+    return "test_mse" if kind == "regression" else "test_nll"
+
+
+def beats_every_single(rows: list[dict[str, Any]], metric: str | None = None) -> list[str]:
     """One sentence per data size where an ensemble of seeds beats every single technique.
 
-    The best ensemble (lowest ``metric``) is compared with the best variant's mean single
-    member on the same common test items.
+    The best ensemble (lowest ``metric``; default :func:`headline`: NLL, or MSE for
+    regression) is compared with the best variant's mean single member on the same
+    common test items.
     """
     sentences = []
     for data in dict.fromkeys(r["data"] for r in rows):
         scored = [r for r in rows if r["data"] == data and "ensemble" in r]
-        scored = [r for r in scored if metric in r["ensemble"]]
+        key = metric or (headline(scored[0]["kind"]) if scored else "test_nll")
+        scored = [r for r in scored if key in r["ensemble"]]
         if not scored:
             continue
-        best_single = min(scored, key=lambda r: r["member_mean"][metric])
-        best_ens = min(scored, key=lambda r: r["ensemble"][metric])
-        single, ensemble = best_single["member_mean"][metric], best_ens["ensemble"][metric]
+        best_single = min(scored, key=lambda r: r["member_mean"][key])
+        best_ens = min(scored, key=lambda r: r["ensemble"][key])
+        single, ensemble = best_single["member_mean"][key], best_ens["ensemble"][key]
         if math.isfinite(ensemble) and ensemble < single:
             sentences.append(
                 f"With {data}, the ensemble of {best_ens['variant']}'s {best_ens['members']} "
-                f"seeds beats every single technique on test {metric.removeprefix('test_')}: "
+                f"seeds beats every single technique on test {key.removeprefix('test_')}: "
                 f"{ensemble:.4g} vs {single:.4g} for the best single run ({best_single['variant']}"
                 f", mean member), on {best_ens['items']} common test items, at "
                 f"{best_ens['members']}x the inference cost."
@@ -245,4 +281,4 @@ def run_predictions(config: Any, model: Any) -> dict[str, Any] | None:
         step=step_of(config),
         loss_fn=task.loss,
     )
-    return encode_predictions(outputs, targets, config.task.kind, test_indices(config))
+    return encode_predictions(outputs, targets, config.task.kind, indices_of_test_split(config))

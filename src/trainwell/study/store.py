@@ -1,9 +1,12 @@
 """The results store of an ablation study: SQLAlchemy tables, SQLite by default.
 
-Five tables: ``study`` (one row per study), ``run`` (one per variant x data size x
+Six tables: ``study`` (one row per study), ``run`` (one per variant x data size x
 seed, with its config, status, error, wall time and peak memory), ``epoch_metric``
-(one row per run, epoch and metric), ``final_metric`` (one per run and metric) and
-``predictions`` (one per done run that kept its test predictions, for ensembles of seeds).
+(one row per run, epoch and metric), ``final_metric`` (one per run and metric),
+``predictions`` (one per done run that kept its test predictions, for ensembles of seeds)
+and ``weights`` (one per done run: the fingerprint of its starting weights and, for
+models up to :data:`trainwell.study.seed_soups.WEIGHTS_LIMIT` values, its final weights
+as safetensors bytes, for soups of seeds). A store made before a table gets it on opening.
 Any SQLAlchemy URL works (``sqlite:///DIR/results.sqlite`` is the default;
 ``postgresql://...`` lets several processes or machines share one study and needs the
 driver: ``pip install 'trainwell[postgres]'``); :mod:`trainwell.study.database` opens it
@@ -26,6 +29,7 @@ the dead attempt, and a finished run's metrics are never deleted by a claim.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -41,6 +45,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -130,6 +135,17 @@ predictions_table = Table(
     Column("id", Integer, primary_key=True),
     Column("run_id", Integer, ForeignKey("run.id"), nullable=False, unique=True),
     Column("data", Text, nullable=False),
+)
+# a done run's starting-weights fingerprint (``init_hash``), its number of state values and
+# its final weights (safetensors bytes; NULL when the model was above the size cap)
+weights_table = Table(
+    "weights",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("run.id"), nullable=False, unique=True),
+    Column("init_hash", String(64)),
+    Column("n_values", Integer),
+    Column("data", LargeBinary(length=2**32 - 1)),
 )
 
 FINISHED = ("done", "failed")
@@ -424,9 +440,7 @@ class Store:
             ).scalar()
             if run_id is None:
                 return None
-            conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
-            conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
-            conn.execute(delete(predictions_table).where(predictions_table.c.run_id == run_id))
+            _drop_results(conn, run_id)
             conn.execute(
                 update(run_table)
                 .where(c.id == run_id)
@@ -471,9 +485,7 @@ class Store:
         which never touches a run another live process holds or has finished.
         """
         with self.engine.begin() as conn:
-            conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
-            conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
-            conn.execute(delete(predictions_table).where(predictions_table.c.run_id == run_id))
+            _drop_results(conn, run_id)
             conn.execute(
                 update(run_table)
                 .where(run_table.c.id == run_id)
@@ -544,9 +556,7 @@ class Store:
             )
             if result.rowcount != 1:
                 return False
-            conn.execute(delete(epoch_table).where(epoch_table.c.run_id == run_id))
-            conn.execute(delete(final_table).where(final_table.c.run_id == run_id))
-            conn.execute(delete(predictions_table).where(predictions_table.c.run_id == run_id))
+            _drop_results(conn, run_id)
             if epochs:
                 conn.execute(insert(epoch_table), epochs)
             if final_rows:
@@ -554,6 +564,9 @@ class Store:
             if payload.get("predictions"):
                 stored = {"run_id": run_id, "data": json.dumps(payload["predictions"])}
                 conn.execute(insert(predictions_table), [stored])
+            kept = _weights_row(run_id, payload)
+            if kept is not None:
+                conn.execute(insert(weights_table), [kept])
             return True
 
     def predictions(self, study_id: int) -> dict[int, dict[str, Any]]:
@@ -566,6 +579,31 @@ class Store:
                 .where(run_table.c.study_id == study_id)
             )
             return {int(run_id): json.loads(data) for run_id, data in rows}
+
+    def fingerprints(self, study_id: int) -> dict[int, dict[str, Any]]:
+        """Per run id of a study: ``init_hash``, ``n_values`` and ``kept`` (weights stored).
+
+        Runs finished before the ``weights`` table existed have no entry.
+        """
+        w = weights_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(w.run_id, w.init_hash, w.n_values, w.data.is_not(None).label("kept"))
+                .join(run_table, run_table.c.id == w.run_id)
+                .where(run_table.c.study_id == study_id)
+            ).mappings()
+            return {int(r["run_id"]): {**r, "kept": bool(r["kept"])} for r in rows}
+
+    def weights(self, run_ids: Iterable[int]) -> dict[int, bytes]:
+        """The kept final weights (safetensors bytes) of these runs, by run id."""
+        w = weights_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(w.run_id, w.data).where(
+                    w.run_id.in_(sorted(set(run_ids))) & w.data.is_not(None)
+                )
+            )
+            return {int(run_id): bytes(data) for run_id, data in rows}
 
     def runs(self, study_id: int) -> list[dict[str, Any]]:
         """Every run of a study as a dict, with ``final`` and ``history`` filled in."""
@@ -592,6 +630,27 @@ class Store:
             run["grad_trace"] = json.loads(run["grad_trace"] or "[]")
             run["overrides"] = json.loads(run["overrides"] or "{}")
         return list(runs.values())
+
+
+def _drop_results(conn: Connection, run_id: int) -> None:
+    """Delete a run's metrics, predictions and weights (a new attempt writes them again)."""
+    for table in (epoch_table, final_table, predictions_table, weights_table):
+        conn.execute(delete(table).where(table.c.run_id == run_id))
+
+
+def _weights_row(run_id: int, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``weights`` row of a payload's ``init_hash`` and ``weights`` (base64 safetensors
+    from :func:`trainwell.study.seed_soups.encode_weights`), None when it has neither."""
+    kept = payload.get("weights") or {}
+    if payload.get("init_hash") is None and not kept:
+        return None
+    data = kept.get("data")
+    return {
+        "run_id": run_id,
+        "init_hash": payload.get("init_hash"),
+        "n_values": kept.get("values"),
+        "data": None if data is None else base64.b64decode(data),
+    }
 
 
 def _nan(value: float | None) -> float:
