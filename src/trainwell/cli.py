@@ -374,6 +374,7 @@ def run_ablation(
     from trainwell.study.checks import check_study
     from trainwell.study.execute import run_study
     from trainwell.study.failures import failure_summary
+    from trainwell.study.plan import study_logging
     from trainwell.study.report import print_table, study_rows, write_report
     from trainwell.study.store import Store, default_url
 
@@ -383,6 +384,7 @@ def run_ablation(
         fail(f"--address {address} names a Ray cluster: pass --executor ray too")
     check_study(raw, seeds)  # before anything is created or trained
     name = name or str(raw["ablation"].get("name", "study"))
+    study_logging(raw, name, out)  # [logging]: one experiment, runs tagged; extras checked
     out.mkdir(parents=True, exist_ok=True)
     if executor == "local":
         jobs = jobs or max(1, min(4, os.cpu_count() or 1))

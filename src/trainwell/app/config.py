@@ -320,6 +320,67 @@ class DistributedConfig(Section):
     )
 
 
+#: Tracking URIs MLflow resolves by name, not as paths (``databricks``, ``databricks://profile``).
+_NAMED_STORES = re.compile(r"databricks(://.*)?|databricks-uc(://.*)?")
+
+
+class LoggingConfig(Section):
+    """Where a run's metrics go besides its run directory: TensorBoard and MLflow.
+
+    Relative locations are relative to the current directory (as MLflow and ``tensorboard
+    --logdir`` read them) and made absolute when the config is loaded, so ``trainwell
+    resume`` appends to the same place from anywhere.
+    """
+
+    tensorboard: bool | str = Field(
+        False,
+        description="true: event files in RUN_DIR/tensorboard (a study: STUDY_DIR/"
+        "tensorboard/RUN); or a folder that gets one subfolder per run",
+    )
+    mlflow: str | None = Field(
+        None,
+        description="MLflow tracking URI: file:./mlruns, sqlite:///mlflow.db, http://host:5000",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment (default: trainwell; ablate: the study's name)"
+    )
+    run_name: str | None = Field(
+        None, description="default: the run directory's name; ablate: variant/data/seed"
+    )
+    tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow run tags")
+    every_n_steps: int = Field(
+        50, ge=0, le=MAX_STEPS,
+        description="log train loss and lr every N optimizer steps (0: per epoch only)",
+    )  # fmt: skip
+
+    @field_validator("tensorboard", mode="before")
+    @classmethod
+    def _tensorboard_kind(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip()):
+            return value
+        raise ValueError(
+            "expected true, false or the folder for the event files (a non-empty string)"
+            f" (got {_short(value)})"
+        )
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _tracking_uri(cls, value: Any) -> Any:
+        if value is False or value is None:
+            return None
+        if isinstance(value, str) and value.strip() and "\n" not in value and len(value) < 2000:
+            return value.strip()
+        raise ValueError(
+            'expected an MLflow tracking URI such as "file:./mlruns", "sqlite:///mlflow.db" '
+            f'or "http://host:5000" (or false) (got {_short(value)})'
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is logged (TensorBoard or MLflow)."""
+        return bool(self.tensorboard) or self.mlflow is not None
+
+
 class RunConfig(Section):
     """One training run."""
 
@@ -345,6 +406,7 @@ class RunConfig(Section):
     swa: SWAConfig = Field(default_factory=SWAConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ablation: dict[str, Any] = Field(default_factory=dict, description="see `trainwell ablate`")
 
     @field_validator("precision", mode="before")
@@ -609,10 +671,14 @@ def absolute_targets(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     So a run directory's ``config.toml`` (and a study's stored configs) still find the
     user's files after the run moved away from the config that named them.
 
+    The ``[logging]`` locations are made absolute too, against the current directory
+    (:func:`absolute_locations`).
+
     Example:
         >>> absolute_targets({"model": {"target": "net.py:Net"}}, Path("/exp"))["model"]
         {'target': '/exp/net.py:Net'}
     """
+    absolute_locations(raw)
     for dotted in TARGET_KEYS:
         section, _, key = dotted.partition(".")
         table = raw.get(section)
@@ -626,6 +692,42 @@ def absolute_targets(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 absolute_target(v, base) if isinstance(v, str) and ":" in v else v for v in value
             ]
     return raw
+
+
+def absolute_locations(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+    """``raw`` with ``logging.tensorboard`` (a folder) and a local ``logging.mlflow`` store
+    (``file:``, ``sqlite:///`` or a plain path) made absolute against ``base`` (default:
+    the current directory, where MLflow itself resolves them); other URIs are left alone.
+
+    Example:
+        >>> raw = {"logging": {"mlflow": "file:./mlruns", "tensorboard": "tb"}}
+        >>> absolute_locations(raw, Path("/exp"))["logging"]
+        {'mlflow': 'file:///exp/mlruns', 'tensorboard': '/exp/tb'}
+        >>> absolute_locations({"logging": {"mlflow": "sqlite:///m.db"}}, Path("/exp"))
+        {'logging': {'mlflow': 'sqlite:////exp/m.db'}}
+    """
+    table = raw.get("logging")
+    if not isinstance(table, dict):
+        return raw
+    base = base or Path.cwd()
+    folder = table.get("tensorboard")
+    if isinstance(folder, str) and folder.strip():
+        table["tensorboard"] = str(base / Path(folder).expanduser())
+    uri = table.get("mlflow")
+    if isinstance(uri, str) and uri.strip():
+        table["mlflow"] = _absolute_uri(uri.strip(), base)
+    return raw
+
+
+def _absolute_uri(uri: str, base: Path) -> str:
+    """A local MLflow store's URI with an absolute path (``base / path``)."""
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        return (base / Path(uri[5:]).expanduser()).as_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{base / Path(uri[10:]).expanduser()}"
+    if ":" not in uri and not _NAMED_STORES.fullmatch(uri):
+        return str(base / Path(uri).expanduser())
+    return uri
 
 
 def to_toml(config: RunConfig) -> str:

@@ -25,15 +25,20 @@ from trainwell.checkpoints.format import atomic_write
 
 CONFIG_KEY = "trainwell_config"
 HASH_KEY = "trainwell_config_hash"
+#: Where ``[logging] mlflow`` keeps the run's MLflow run id (``resume`` continues that run).
+MLFLOW_RUN_FILE = "mlflow_run.json"
 #: What a run writes into its directory (removed by ``--overwrite``).
 RUN_FILES = ("config.toml", "metrics.csv", "grad_norms.csv", "model.safetensors",
              "summary.json", "curves.png", "ensemble_members.csv", "ensemble.json",
-             "reliability.png")  # fmt: skip
-RUN_DIRS = ("checkpoints", "members")
+             "reliability.png", MLFLOW_RUN_FILE)  # fmt: skip
+RUN_DIRS = ("checkpoints", "members", "tensorboard")
+#: Sections that decide nothing a run trains: left out of its config hash.
+UNTRAINED = {"distributed", "logging"}
 
 
 def config_hash(config: RunConfig) -> str:
-    """A short hash of everything that decides what a run trains (the resolved config).
+    """A short hash of everything that decides what a run trains (the resolved config;
+    not the timeouts of ``[distributed]`` nor where ``[logging]`` sends the metrics).
 
     Example:
         >>> from trainwell.app.config import load_config
@@ -42,7 +47,7 @@ def config_hash(config: RunConfig) -> str:
         >>> config_hash(a) == config_hash(same), config_hash(a) == config_hash(b)
         (True, False)
     """
-    trained = config.model_dump(mode="json", exclude={"distributed"})  # timeouts train nothing
+    trained = config.model_dump(mode="json", exclude=UNTRAINED)
     text = json.dumps(trained, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -24,6 +24,7 @@ from trainwell.app.entry_points import reference
 from trainwell.study.checks import check_study
 from trainwell.study.execute import run_study
 from trainwell.study.failures import FailedRun, failed_runs, failure_summary
+from trainwell.study.plan import study_logging
 from trainwell.study.report import study_rows, verdict, write_report
 from trainwell.study.store import Store, default_url
 
@@ -129,6 +130,7 @@ def ablate(
     check_study(raw, seeds)  # before any directory or store exists
     name = name or str(raw.get("ablation", {}).get("name", "study"))
     out = Path(out) if out is not None else Path("runs") / f"{name}-ablation"
+    study_logging(raw, name, out)  # [logging]: one experiment, runs tagged; extras checked
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} is a file; give a directory for the study's files")
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ The ``[ablation]`` section of a run config describes the study::
 
 ``plan_study`` turns it into every (variant, data size, seed) run, each with its full
 config; :mod:`trainwell.study.checks` validates them before anything trains, and
-:mod:`trainwell.study.execute` trains them. A malformed section is a
+:mod:`trainwell.study.execute` trains them. With ``[logging]``, :func:`study_logging` makes
+the study one MLflow experiment (and one TensorBoard folder) and each planned run is named
+and tagged by its variant, data size and seed. A malformed section is a
 :class:`~trainwell.app.config.ConfigError` with one line per problem: a key of the
 section that does not exist, a value of the wrong type, a grid key that is neither a
 short name nor a config key, a grid entry that is not a non-empty list, two variants
@@ -32,6 +34,7 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -383,11 +386,55 @@ def plan_study(
                         "rename the named variant or make the grid values differ"
                     )
                 seen[key] = label
+                _name_run(cfg, label, data_label, base_seed + seed_index)
                 runs.append(PlannedRun(label, data_label, base_seed + seed_index, overrides,
                                        cfg, {**data_origin, **where}))  # fmt: skip
     if clashes:
         raise ConfigError("\n".join(dict.fromkeys(clashes)))
     return runs
+
+
+def _logs(raw: dict[str, Any]) -> bool:
+    """Whether a raw config's ``[logging]`` sends metrics anywhere."""
+    table = raw.get("logging")
+    return isinstance(table, dict) and bool(table.get("tensorboard") or table.get("mlflow"))
+
+
+def _name_run(raw: dict[str, Any], variant: str, data: str, seed: int) -> None:
+    """Name a logged run ``variant/data/seed<k>`` and tag it with all three (in place)."""
+    if not _logs(raw):
+        return
+    table = raw["logging"]
+    tags = table.get("tags") if isinstance(table.get("tags"), dict) else {}
+    table["tags"] = {**tags, "variant": variant, "data": data, "seed": str(seed)}
+    table["run_name"] = f"{variant}/{data}/seed{seed}"
+
+
+def study_logging(raw: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
+    """``raw`` with the study's ``[logging]``: one MLflow experiment named after the study
+    (unless ``logging.experiment`` names one), every run tagged ``study = name``, and
+    ``tensorboard = true`` made the folder ``out/tensorboard`` (one subfolder per run).
+
+    Each planned run is then named ``variant/data/seed<k>`` and tagged with its
+    ``variant``, ``data`` and ``seed`` (:func:`plan_study`); the names and folders travel
+    in the runs' configs, so worker processes and Ray tasks log where this process says.
+    A missing TensorBoard or MLflow, or an MLflow store that cannot be opened, fails here,
+    before anything trains (the experiment is created here, once). ``raw`` is changed in
+    place; a study without ``[logging]`` is left as it is.
+    """
+    if not _logs(raw):
+        return raw
+    table = raw["logging"]
+    if table.get("tensorboard") is True:
+        table["tensorboard"] = str(Path(out).resolve() / "tensorboard")
+    if table.get("mlflow"):
+        table.setdefault("experiment", name)
+    tags = table.get("tags")
+    table["tags"] = {**(tags if isinstance(tags, dict) else {}), "study": name}
+    from trainwell.app.runner import check_logging
+
+    check_logging(validate(base_config(raw)))
+    return raw
 
 
 def _canonical(raw: dict[str, Any]) -> Any:
