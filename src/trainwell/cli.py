@@ -216,8 +216,9 @@ def execute_ensemble(config: RunConfig, out: Path) -> None:
     import json
 
     from trainwell.app.ensemble_runner import train_ensemble, write_ensemble_outputs
+    from trainwell.app.run_logging import member_logging
 
-    result = train_ensemble(config)
+    result = train_ensemble(member_logging(config, out))
     summary = {"config": config.model_dump(mode="json"), **write_ensemble_outputs(out, result)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     ens = summary["ensemble"]

@@ -199,6 +199,29 @@ def test_a_study_is_one_experiment_of_runs_tagged_variant_data_seed(tmp_path):
     assert len(list((out / "tensorboard").iterdir())) == 4
 
 
+def test_ensemble_members_log_into_the_run_directory_named_by_member(tmp_path, monkeypatch):
+    """An ``[ensemble]`` run's members train without run directories of their own: each is
+    its own MLflow run ``<run>/member<i>`` and TensorBoard folder under RUN_DIR, never in
+    the current directory."""
+    uri = (tmp_path / "mlruns").as_uri()
+    (tmp_path / "e.toml").write_text(
+        'epochs = 2\n[data]\nsource = "wine"\n[model]\nhidden = [8]\n[ensemble]\n'
+        f'members = 2\n[logging]\ntensorboard = true\nmlflow = "{uri}"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    done = runner.invoke(app, ["run", "e.toml", "--out", "ens", "-q"])
+    assert done.exit_code == 0, done.output
+    assert not (tmp_path / "tensorboard").exists()
+    assert sorted(p.name for p in (tmp_path / "ens" / "tensorboard").iterdir()) == [
+        "ens_member0", "ens_member1"]  # fmt: skip
+    client = client_for(uri)
+    runs = client.search_runs([client.get_experiment_by_name("trainwell").experiment_id])
+    assert sorted((r.info.run_name, r.data.tags["member"]) for r in runs) == [
+        ("ens/member0", "0"), ("ens/member1", "1")]  # fmt: skip
+    for run in runs:
+        assert len(_history(client, run.info.run_id, "val_loss")) == 2
+
+
 @pytest.mark.parametrize(
     ("setting", "key"),
     [("logging.tensorboard=3", "logging.tensorboard"), ("logging.mlflow=true", "logging.mlflow"),

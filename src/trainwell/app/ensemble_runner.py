@@ -102,13 +102,14 @@ def _train_member(
     raw_config: dict[str, Any], splits: Splits, index: int, threads: int | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, float]]]:
     """One "seeds" or "bagging" member: a ``runner.train`` run (runs in a worker process)."""
+    from trainwell.app.run_logging import member_run
     from trainwell.app.runner import train
 
     if threads is not None:
         torch.set_num_threads(threads)
     config = RunConfig.model_validate(raw_config)
     seed = config.seed + index
-    member_config = config.model_copy(update={"seed": seed})
+    member_config = member_run(config.model_copy(update={"seed": seed}), index)
     if config.ensemble.diversity == "bagging":
         splits = bootstrap(splits, seed)
     result, model = train(member_config, splits=splits)

@@ -431,7 +431,7 @@ def study_logging(raw: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
         table.setdefault("experiment", name)
     tags = table.get("tags")
     table["tags"] = {**(tags if isinstance(tags, dict) else {}), "study": name}
-    from trainwell.app.runner import check_logging
+    from trainwell.app.run_logging import check_logging
 
     check_logging(validate(base_config(raw)))
     return raw
