@@ -393,6 +393,7 @@ def test_the_docs_example_runs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ema val_loss" in done.stdout
+    assert (tmp_path / "ema.safetensors").is_file()
 
 
 def test_without_lightning_the_import_names_the_extra() -> None:
