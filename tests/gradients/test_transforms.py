@@ -188,3 +188,33 @@ def test_clip_modes_do_not_synchronize_on_gpu() -> None:
                 opt.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_nonfinite_equals_an_elementwise_check_and_changes_nothing(seed):
+    """The fused check against ``isfinite`` element by element: NaN, +-Inf, values near
+    the float max, mixed dtypes, empty, non-contiguous and sparse gradients."""
+    from trainwell.gradients.transforms import any_nonfinite
+
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    grads = []
+    for i in range(int(torch.randint(1, 6, (1,), generator=g))):
+        dtype = dtypes[int(torch.randint(0, 4, (1,), generator=g))]
+        t = torch.randn(int(torch.randint(0, 20, (1,), generator=g)), 3, generator=g)
+        t = (t * torch.finfo(dtype).max / 4).to(dtype) if i % 2 else t.to(dtype)
+        grads.append(t.t() if i % 3 == 2 else t)
+    value = [math.nan, math.inf, -math.inf][seed % 3]
+    if seed % 3 and grads[0].numel():
+        target = grads[int(torch.randint(0, len(grads), (1,), generator=g))]
+        if target.numel():
+            target[tuple(int(i) for i in torch.nonzero(torch.ones_like(target))[-1])] = value
+    if seed % 4 == 0:  # sparse (an embedding's), non-finite in its values half the time
+        dense = torch.randn(4, 4, generator=g)
+        dense[1, 2] = value if seed % 8 == 0 else 1.0
+        grads.append(dense.to_sparse())
+    before = [x.clone() for x in grads]
+    expected = any(not bool(torch.isfinite(x.to_dense()).all()) for x in grads)
+    assert bool(any_nonfinite(grads)) is expected
+    for x, y in zip(grads, before, strict=True):
+        assert torch.equal(torch.nan_to_num(x.to_dense()), torch.nan_to_num(y.to_dense()))
