@@ -216,6 +216,19 @@ def test_the_regularizer_callback_equals_the_penalty_in_the_loss() -> None:
     assert gap > 1e-3  # the penalty changed the result: the comparison has teeth
 
 
+@pytest.mark.parametrize("log", [False, True])
+def test_the_skip_count_is_logged_only_when_asked(tmp_path: Path, log: bool) -> None:
+    """Lightning gives every callback a ``log`` attribute (the module's ``log``): the
+    option must not be read from it, or every step pays a ``pl_module.log`` call."""
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
+    callback = tl.GradientTransformCallback(chain(clip_by_norm(1.0)), log=log)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger, log_every_n_steps=1)
+    trainer.fit(Regression("sgd", lr=0.1), make_loader())
+    logged = Path(logger.log_dir) / "metrics.csv"  # written only when something was logged
+    columns = set(next(csv.reader(logged.open()), [])) if logged.is_file() else set()
+    assert ("skipped_steps" in columns) is log
+
+
 # -------------------------------------------------------------------------- monitor
 def test_the_monitor_sees_the_raw_gradients_and_its_rows_are_logged(tmp_path: Path) -> None:
     """Listed after the transforms, the monitor still measures before them (trainwell's

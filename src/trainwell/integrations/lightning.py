@@ -180,7 +180,8 @@ class GradientTransformCallback(_StepCallback):
                 f"chain(skip_nonfinite(), clip_by_norm(1.0)), got {transforms!r}"
             )
         self.transforms = transforms
-        self.log = log
+        # not ``self.log``: Lightning sets every callback's ``log`` to the module's ``log``
+        self.log_skips = log
         self.last_stats: dict[str, Any] = {}
         self.skipped_steps = 0
         self.skipped_step: int | None = None
@@ -196,7 +197,7 @@ class GradientTransformCallback(_StepCallback):
                     p.grad = None
             self.skipped_steps += 1
             self.skipped_step = trainer.global_step
-        if self.log:
+        if self.log_skips:
             pl_module.log("skipped_steps", float(self.skipped_steps), on_step=True)
 
     def state_dict(self) -> dict[str, Any]:
