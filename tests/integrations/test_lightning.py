@@ -14,6 +14,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -357,10 +358,6 @@ def test_the_dropout_schedule_steps_per_optimizer_step_or_epoch(unit: str) -> No
 
 
 # ------------------------------------------------------------------------------ DDP
-#: Lightning picks a free port, closes it and binds it again: another process may take it.
-PORT_TAKEN = r"address already in use|EADDRINUSE|errno: 98"
-
-
 def test_ddp_two_processes_take_the_same_decisions(tmp_path: Path) -> None:
     """strategy="ddp", 2 CPU processes (gloo), every callback: the NaN planted on rank 1 is
     skipped on both ranks; both ranks end with the same weights and EMA and stop at the
@@ -368,14 +365,18 @@ def test_ddp_two_processes_take_the_same_decisions(tmp_path: Path) -> None:
     from tests.integrations import lightning_ddp
 
     out = tmp_path / "ddp"
-    for _ in range(2):  # once more only if the rendezvous port was taken meanwhile
+    failures = []
+    for _ in range(2):  # once more after a failure: a deterministic bug fails both times
         done = subprocess.run(
             [sys.executable, str(HERE / "lightning_ddp.py"), str(out)],
             capture_output=True, text=True, timeout=120, cwd=tmp_path,
         )  # fmt: skip
-        if done.returncode == 0 or not re.search(PORT_TAKEN, done.stderr, re.I):
+        if done.returncode == 0:
             break
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        failures.append(f"rc={done.returncode}\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
+    assert done.returncode == 0, "\n---\n".join(failures)
+    if failures:  # the first attempt's failure, kept visible in the test report
+        warnings.warn(f"the DDP run failed once, then passed: {failures[0][-1500:]}", stacklevel=1)
     ranks = [json.loads((tmp_path / f"ddp.rank{r}.json").read_text()) for r in (0, 1)]
     mean = [(a + b) / 2 for a, b in zip(*lightning_ddp.VAL_LOSSES, strict=True)]
     expected = stop_epoch(mean, patience=2)
