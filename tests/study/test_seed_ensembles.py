@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, text
 from trainwell.study.execute import run_study
 from trainwell.study.report import write_report
 from trainwell.study.seed_ensembles import (
+    beats_every_single,
     decode_predictions,
     encode_predictions,
     seed_ensembles,
@@ -149,3 +150,19 @@ def test_an_old_store_without_predictions_still_reports(tiny, tmp_path):
     page = write_report(old, tmp_path / "report").read_text()
     assert "Ensembles of seeds" not in page and "Recommendation" in page
     assert math.isfinite(len(page))
+
+
+def test_the_ensemble_claimed_is_the_variant_chosen_on_validation_never_the_best_on_test():
+    """Choosing the best ensemble on test and reporting it on test flatters it: only the
+    validation winner's ensemble may be claimed, against the best single run on test."""
+
+    def row(variant, single, ensemble):
+        return {"data": "d", "variant": variant, "kind": "classification", "members": 4,
+                "items": 50, "member_mean": {"test_nll": single},
+                "ensemble": {"test_nll": ensemble}}  # fmt: skip
+
+    rows = [row("a", 0.50, 0.49), row("b", 0.60, 0.40)]  # b's ensemble is best on test
+    (line,) = beats_every_single(rows, {"d": "a"})
+    assert "seeds of a (the variant chosen on validation)" in line and "0.49 vs 0.5" in line
+    assert beats_every_single([row("a", 0.50, 0.55), row("b", 0.60, 0.40)], {"d": "a"}) == []
+    assert beats_every_single(rows, {}) == []  # nothing chosen: nothing claimed

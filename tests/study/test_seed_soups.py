@@ -232,12 +232,19 @@ def test_a_soup_that_beats_every_single_technique_is_said_with_its_numbers():
                 "uniform": {"test_nll": uniform}}  # fmt: skip
 
     ensembles = [{"data": "d", "variant": "a", "member_mean": {"test_nll": 0.5}}]
+    a_chosen = {"d": "a"}
     (line,) = soups_beat_every_single([row("a", 0.5, 0.45, 0.6), row("b", 0.7, 0.8, 0.9)],
-                                      ensembles)  # fmt: skip
+                                      ensembles, a_chosen)  # fmt: skip
     assert "greedy soup of a's seeds (2 of 3 averaged)" in line and "0.45 vs 0.5" in line
     assert "1x the inference cost" in line
-    assert soups_beat_every_single([row("a", 0.5, 0.55, 0.6)], ensembles) == []
+    assert soups_beat_every_single([row("a", 0.5, 0.55, 0.6)], ensembles, a_chosen) == []
     alone = {**row("a", 0.5, 0.45, 0.6), "chosen": [1]}  # one seed is no soup: never claimed
-    assert soups_beat_every_single([alone], ensembles) == []
-    (line,) = soups_beat_every_single([{**alone, "uniform": {"test_nll": 0.4}}], ensembles)
+    assert soups_beat_every_single([alone], ensembles, a_chosen) == []
+    (line,) = soups_beat_every_single([{**alone, "uniform": {"test_nll": 0.4}}], ensembles,
+                                      a_chosen)  # fmt: skip
     assert "uniform soup of a's seeds (3 of 3 averaged)" in line
+    # b's soup is the best on test, but b was not chosen on validation: never claimed
+    best_on_test = [row("a", 0.5, 0.55, 0.6), row("b", 0.7, 0.3, 0.3)]
+    assert soups_beat_every_single(best_on_test, ensembles, a_chosen) == []
+    (line,) = soups_beat_every_single(best_on_test, ensembles, {"d": "b"})
+    assert "soup of b's seeds" in line and "0.3 vs 0.5" in line

@@ -21,6 +21,7 @@ batch_size = 32
 
 [data]
 source = "digits"
+split_seed = 0  # one split for every seed: the seeds' ensembles are scored on all of its test set
 
 [model]
 kind = "mlp"

@@ -22,7 +22,13 @@ from sqlalchemy import select
 
 from trainwell.app.tasks import METRIC_NAMES
 from trainwell.study.comparisons import CORRECTIONS
-from trainwell.study.recommend import metric_words, p_text, recommendation, strength_sentences
+from trainwell.study.recommend import (
+    metric_words,
+    p_text,
+    recommendation,
+    strength_sentences,
+    winners,
+)
 from trainwell.study.seed_ensembles import beats_every_single, seed_ensembles
 from trainwell.study.seed_soups import seed_soups, soups_beat_every_single
 from trainwell.study.statistics import summarize
@@ -351,10 +357,10 @@ def _ensembles_html(ensembles: list[dict[str, Any]]) -> list[str]:
         "<h2>Ensembles of seeds</h2>",
         "<p>Each variant's seed runs are independently trained members; the ensemble "
         "averages their test probabilities (regression: their outputs) and costs "
-        "<i>members</i> times one run's inference. Each seed draws its own data split, so "
-        "members and ensemble are scored on the test items common to every run of the "
-        "data size (<i>items</i>); set <code>data.split_seed</code> for every seed to share "
-        "one test split. Whether the same seeds also make a weight soup is said per "
+        "<i>members</i> times one run's inference. Members and ensemble are scored on the "
+        "test items common to every run of the data size (<i>items</i>): all of the test "
+        "split when <code>data.split_seed</code> gives every seed the same split, few "
+        "when each seed draws its own. Whether the same seeds also make a weight soup is said per "
         "variant under <i>Soups of seeds</i>.</p>",
         "<table id='ensembles'><thead><tr>",
     ]
@@ -394,7 +400,11 @@ def write_report(store: Store, out_dir: str | Path, study: str | None = None) ->
     soups = seed_soups(
         runs, store.fingerprints(study_id), store.weights, predictions, settings["metric"]
     )
-    beats = (*beats_every_single(ensembles), *soups_beat_every_single(soups, ensembles))
+    chosen = {w["data"]: w["row"]["variant"] for w in winners(rows) if w["row"] is not None}
+    beats = (
+        *beats_every_single(ensembles, chosen),
+        *soups_beat_every_single(soups, ensembles, chosen),
+    )
     drawn = figures.draw_all(runs, rows, out_dir)
     n_done = sum(r["status"] == "done" for r in runs)
     n_failed = sum(r["status"] == "failed" for r in runs)

@@ -369,24 +369,29 @@ def _soup_row(
 
 
 def soups_beat_every_single(
-    soups: list[dict[str, Any]], ensembles: list[dict[str, Any]], metric: str | None = None
+    soups: list[dict[str, Any]],
+    ensembles: list[dict[str, Any]],
+    chosen: dict[str, str],
+    metric: str | None = None,
 ) -> list[str]:
     """One sentence per data size where a soup of seeds beats every single technique.
 
-    The best soup (greedy or uniform, lowest ``metric``; default
-    :func:`~trainwell.study.seed_ensembles.headline`) is compared with the best variant's
-    mean single member, on the common test items of the ensembles (soups scored on other
-    items are not compared). A greedy soup of one seed is that run alone, not a soup: it
-    is never claimed.
+    Only the soups of ``chosen[data]``, the variant chosen on validation, are candidates
+    (the better of its greedy and uniform soup; never the best soup on test); the soup
+    must beat the best variant's mean single member (lowest ``metric``; default
+    :func:`~trainwell.study.seed_ensembles.headline`), on the common test items of the
+    ensembles (soups scored on other items are not compared). A greedy soup of one seed
+    is that run alone, not a soup: it is never claimed.
     """
     sentences = []
     for data in dict.fromkeys(r["data"] for r in soups):
         made = [r for r in soups if r["data"] == data and r.get("common")]
+        singles_here = [r for r in [*ensembles, *made] if r["data"] == data]
+        made = [r for r in made if r["variant"] == chosen.get(data)]
         if not made:
             continue
         key = metric or headline(made[0]["kind"])
-        singles = [r for r in [*ensembles, *made] if r["data"] == data]
-        singles = [r for r in singles if key in r.get("member_mean", {})]
+        singles = [r for r in singles_here if key in r.get("member_mean", {})]
         pairs = [(r, w) for r in made for w in ("greedy", "uniform") if key in r[w]]
         pairs = [(r, w) for r, w in pairs if w == "uniform" or len(r["chosen"]) > 1]
         if not singles or not pairs:
