@@ -59,3 +59,10 @@ def test_write_example_into_a_new_folder_with_its_code(tmp_path):
     assert [p.name for p in written] == ["token_transformer.toml", "token_transformer.py"]
     with pytest.raises(ValueError, match="already there"):
         write_example("token_transformer", tmp_path / "new" / "dir")
+
+
+def test_init_into_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    done = trainwell("init", "digits", "--dir", "afile", cwd=tmp_path)
+    assert done.returncode == 2 and "--dir afile is a file" in done.stderr
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -42,6 +42,8 @@ def write_example(name: str, directory: Path, *, force: bool = False) -> list[Pa
     known = available()
     if name not in known:
         raise ValueError(f"NAME must be one of {', '.join(known)}; got {name!r}")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--dir {directory} is a file: give a folder to write the example in")
     sources = [_folder() / f"{name}.toml", _folder() / f"{name}.py"]
     sources = [s for s in sources if s.is_file()]
     targets = [directory / s.name for s in sources]
