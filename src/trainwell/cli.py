@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from trainwell.app.config import ConfigError, RunConfig, load_config, to_toml
+from trainwell.app.config import ConfigError, RunConfig
+from trainwell.app.config_files import load_config, to_toml
 
 app = typer.Typer(
     name="trainwell",
@@ -417,7 +418,7 @@ def ablate(
 
     Run it again after a kill and it resumes: finished runs are skipped.
     """
-    from trainwell.app.config import absolute_targets, read_toml
+    from trainwell.app.config_files import absolute_targets, read_toml
 
     raw = absolute_targets(read_toml(config), config.resolve().parent)
     section = raw.get("ablation")

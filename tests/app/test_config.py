@@ -1,6 +1,7 @@
 import pytest
 
-from trainwell.app.config import ConfigError, load_config, read_toml, to_toml, validate
+from trainwell.app.config import ConfigError, validate
+from trainwell.app.config_files import load_config, read_toml, to_toml
 
 
 def test_defaults_and_overrides():
@@ -224,7 +225,7 @@ def test_values_at_the_edges_are_accepted(overrides, check):
 
 
 def test_a_set_value_cannot_smuggle_in_more_keys():
-    from trainwell.app.config import parse_value
+    from trainwell.app.config_files import parse_value
 
     assert parse_value("1\nepochs = 5") == "1\nepochs = 5"  # text, not 1 plus a hidden key
     with pytest.raises(ConfigError) as info:

@@ -280,7 +280,7 @@ def test_train_size_that_leaves_too_few_out_for_the_stratified_subsample():
 
 
 def test_user_datasets_too_small_or_continuous_are_one_line(tmp_path):
-    from trainwell.app.config import load_config
+    from trainwell.app.config_files import load_config
     from trainwell.app.user_data import load_user_splits
 
     (tmp_path / "mydata.py").write_text(

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainwell.app.config import load_config
+from trainwell.app.config_files import load_config
 from trainwell.app.data import load_splits
 from trainwell.app.ensemble_runner import bootstrap, train_ensemble
 from trainwell.cli import app

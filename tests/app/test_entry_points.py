@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.app import user_code
-from trainwell.app.config import load_config
+from trainwell.app.config_files import load_config
 from trainwell.app.entry_points import EntryPointError, call, reference, resolve
 from trainwell.app.runner import load_data, model_for
 

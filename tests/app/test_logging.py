@@ -20,7 +20,7 @@ pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from trainwell.app.config import load_config, to_toml  # noqa: E402
+from trainwell.app.config_files import load_config, to_toml
 from trainwell.app.run_dir import claim, write_text  # noqa: E402
 from trainwell.app.runner import train, write_run_dir  # noqa: E402
 from trainwell.cli import app  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from trainwell.app.config import load_config
+from trainwell.app.config_files import load_config
 from trainwell.app.run_dir import HASH_KEY, config_hash
 from trainwell.checkpoints import read_metadata
 from trainwell.cli import app

@@ -10,7 +10,7 @@ from trainwell import (
     GradMonitor,
     Regularizer,
 )
-from trainwell.app.config import load_config
+from trainwell.app.config_files import load_config
 from trainwell.app.runner import train
 
 EVERYTHING = [

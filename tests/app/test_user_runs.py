@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from trainwell.app.config import ConfigError, load_config
+from trainwell.app.config import ConfigError
+from trainwell.app.config_files import load_config
 from trainwell.app.optim import build_optimizer, build_scheduler
 from trainwell.app.runner import load_data, model_for, train
 

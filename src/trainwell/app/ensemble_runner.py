@@ -246,7 +246,7 @@ def train_ensemble(
         jobs: worker processes for "seeds"/"bagging" (default ``config.ensemble.jobs``).
 
     Example:
-        >>> from trainwell.app.config import load_config
+        >>> from trainwell.app.config_files import load_config
         >>> cfg = load_config(None, ["data.source='wine'", "epochs=2", "model.hidden=[8]",
         ...                          "ensemble.members=2"])
         >>> result = train_ensemble(cfg)

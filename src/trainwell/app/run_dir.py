@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from trainwell.app.config import ConfigError, RunConfig, load_config, to_toml, validate
+from trainwell.app.config import ConfigError, RunConfig, validate
+from trainwell.app.config_files import load_config, to_toml
 from trainwell.checkpoints import CheckpointError, CheckpointManager, load, read_metadata
 from trainwell.checkpoints.format import atomic_write
 
@@ -41,7 +42,7 @@ def config_hash(config: RunConfig) -> str:
     not the timeouts of ``[distributed]`` nor where ``[logging]`` sends the metrics).
 
     Example:
-        >>> from trainwell.app.config import load_config
+        >>> from trainwell.app.config_files import load_config
         >>> a, b = load_config(None, ["epochs=3"]), load_config(None, ["epochs=4"])
         >>> same = load_config(None, ["epochs=3"])
         >>> config_hash(a) == config_hash(same), config_hash(a) == config_hash(b)

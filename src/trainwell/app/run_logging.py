@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from trainwell.app.config import RunConfig, to_toml
+from trainwell.app.config import RunConfig
+from trainwell.app.config_files import to_toml
 
 #: The run directory's files uploaded as MLflow artifacts (not the weights: they can be large).
 ARTIFACTS = ("config.toml", "metrics.csv", "grad_norms.csv", "summary.json", "curves.png")
@@ -45,7 +46,7 @@ def tensorboard_dir(config: RunConfig, out_dir: Path | None) -> Path:
     after :func:`run_name`) in the folder given (``./tensorboard`` without a run dir).
 
     Example:
-        >>> from trainwell.app.config import load_config
+        >>> from trainwell.app.config_files import load_config
         >>> config = load_config(None, ["logging.tensorboard='/tb'", "logging.run_name='a/b c'"])
         >>> tensorboard_dir(config, Path("runs/x")).as_posix()
         '/tb/a_b_c'

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainwell.app.config import RunConfig, to_toml
+from trainwell.app.config import RunConfig
+from trainwell.app.config_files import to_toml
 from trainwell.app.data import Splits, load_splits
 from trainwell.app.models import build_model
 from trainwell.app.optim import build_optimizer, build_scheduler

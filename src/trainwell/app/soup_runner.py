@@ -18,7 +18,7 @@ from typing import Any
 
 from safetensors.torch import save
 
-from trainwell.app.config import load_config
+from trainwell.app.config_files import load_config
 from trainwell.app.run_dir import HASH_KEY, config_hash, write_bytes
 from trainwell.app.runner import load_data, model_for, step_of, task_of, test_metrics
 from trainwell.app.tasks import higher_is_better, validation_metrics

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainwell.app.config import absolute_targets, read_toml
+from trainwell.app.config_files import absolute_targets, read_toml
 from trainwell.app.entry_points import reference
 from trainwell.study.checks import check_study
 from trainwell.study.execute import run_study

@@ -39,7 +39,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from trainwell.app.config import ConfigError, RunConfig, apply_overrides, validate
+from trainwell.app.config import ConfigError, RunConfig, validate
+from trainwell.app.config_files import apply_overrides
 from trainwell.study.executors import resource_problems
 
 ALIASES = {
