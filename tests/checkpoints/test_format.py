@@ -270,7 +270,7 @@ def test_atomic_write_never_replaces_a_device_or_fifo(tmp_path):
     import os
     import stat
 
-    from trainwell.checkpoints.format import atomic_write
+    from trainwell.checkpoints.atomic import atomic_write
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -1,7 +1,7 @@
 """A run directory belongs to one run: atomic files, its config in every checkpoint, ownership.
 
 * Every file of a run directory is written atomically (a temporary file next to it, fsync,
-  ``os.replace``; :func:`trainwell.checkpoints.format.atomic_write`): a kill mid-write
+  ``os.replace``; :func:`trainwell.checkpoints.atomic.atomic_write`): a kill mid-write
   leaves the previous complete file or none, never a truncated one.
 * Every checkpoint carries the resolved config (TOML text) and its hash in its header, so
   ``trainwell resume`` continues with the config the checkpoint was trained with even when
@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from trainwell.app.config import ConfigError, RunConfig, validate
 from trainwell.app.config_files import load_config, to_toml
 from trainwell.checkpoints import CheckpointError, CheckpointManager, load, read_metadata
-from trainwell.checkpoints.format import atomic_write
+from trainwell.checkpoints.atomic import atomic_write
 
 CONFIG_KEY = "trainwell_config"
 HASH_KEY = "trainwell_config_hash"

@@ -53,7 +53,7 @@ def write_example(name: str, directory: Path, *, force: bool = False) -> list[Pa
             f"{', '.join(existing)} already there: choose another --dir or pass --force"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    from trainwell.checkpoints.format import atomic_write
+    from trainwell.checkpoints.atomic import atomic_write
 
     for source, target in zip(sources, targets, strict=True):
         data = source.read_bytes()

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from trainwell.checkpoints.format import atomic_write
+from trainwell.checkpoints.atomic import atomic_write
 from trainwell.integrations import require
 from trainwell.integrations.fit_logging import MonitorRows, flatten, is_logging_rank, step_scalars
 
