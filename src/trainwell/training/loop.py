@@ -194,6 +194,8 @@ def fit(
     )
     bar = Progress(enabled=progress and dist_utils.is_main_process(), epochs=epochs)
 
+    step_hooks = [c for c in callbacks if getattr(c, "on_step_end", None) is not None]
+
     def optimizer_step(loss: torch.Tensor) -> None:
         """Steps 2-4 of the docstring, once the (accumulated) gradient is complete."""
         if scaler is not None:
@@ -225,14 +227,14 @@ def fit(
         if per_step_scheduler and not getattr(swa, "n_averaged", 0):
             scheduler.step()  # SWA's own schedule takes over once it averages
         result.steps += 1
-        if callbacks:  # tensors stay on the device: a logger that reads them pays the sync
+        if step_hooks:  # tensors stay on the device: a logger that reads them pays the sync
             info = {
                 **stats,
                 "skip": skip,
                 "loss": loss.detach(),
                 "lr": optimizer.param_groups[0]["lr"],
             }
-            _call(callbacks, "on_step_end", result.steps, info)
+            _call(step_hooks, "on_step_end", result.steps, info)
 
     epoch_scheduler = scheduler is not None and scheduler_interval == "epoch"
 
