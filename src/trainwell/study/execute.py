@@ -250,6 +250,24 @@ class _Claims:
         self.retry_before = retry_before
         self.poll = min(0.5, lease_s / 4)  # seconds between asks while others hold runs
 
+    def top_up(self, running: dict[Any, int], jobs: int, next_claim: float, submit: Any) -> float:
+        """``submit(run_id)`` claimed runs until ``jobs`` are in flight or none is free;
+        returns when to ask the store again (at once while runs were free)."""
+        while len(running) < jobs and time.monotonic() >= next_claim:
+            run_id = self.claim()
+            if run_id is None:
+                return time.monotonic() + self.poll
+            submit(run_id)
+        return next_claim
+
+    def idle(self, next_claim: float) -> bool:
+        """Nothing in flight: False when no run is left to anyone, else wait until
+        ``next_claim`` and return True."""
+        if not self.others_left():
+            return False
+        time.sleep(max(0.0, next_claim - time.monotonic()))
+        return True
+
     def claim(self) -> int | None:
         run_id = self.store.claim(
             self.study_id,
@@ -306,18 +324,16 @@ def _run_in_pool(claims: _Claims, jobs: int) -> None:
     context = get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
         running: dict[Future, int] = {}
+
+        def submit(run_id: int) -> None:
+            running[pool.submit(_safe_run, claims.config(run_id))] = run_id
+
         next_claim = 0.0  # when to ask the store again after it had nothing free
         while True:
-            while len(running) < jobs and time.monotonic() >= next_claim:
-                run_id = claims.claim()
-                if run_id is None:
-                    next_claim = time.monotonic() + claims.poll
-                    break
-                running[pool.submit(_safe_run, claims.config(run_id))] = run_id
+            next_claim = claims.top_up(running, jobs, next_claim, submit)
             if not running:
-                if not claims.others_left():
+                if not claims.idle(next_claim):
                     break
-                time.sleep(max(0.0, next_claim - time.monotonic()))
                 continue
             finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
             for future in finished:

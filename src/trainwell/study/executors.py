@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -200,16 +199,10 @@ def run_on_ray(
     try:
         next_claim = 0.0  # when to ask the store again after it had nothing free
         while True:
-            while len(running) < jobs and time.monotonic() >= next_claim:
-                run_id = claims.claim()
-                if run_id is None:
-                    next_claim = time.monotonic() + claims.poll
-                    break
-                submit(run_id)
+            next_claim = claims.top_up(running, jobs, next_claim, submit)
             if not running:
-                if not claims.others_left():
+                if not claims.idle(next_claim):
                     break
-                time.sleep(max(0.0, next_claim - time.monotonic()))
                 continue
             finished, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in finished:
